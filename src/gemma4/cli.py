@@ -1,0 +1,218 @@
+"""The `gemma4` command line: `gemma4 info` (what a checkpoint is, from its config.json alone) and
+`gemma4 generate` (stream a completion). `chat` and `serve` will be further subcommands.
+
+Errors a user can cause (bad flag, missing checkpoint, unusable config) print one line,
+`gemma4: error: ...`, and exit with code 2; Ctrl-C exits quietly with 130.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from importlib import resources
+
+import torch
+
+from . import __version__
+from .config import ConfigError, ModelConfig, load_config
+from .engine.sample import SamplingParams
+from .llm import LLM, TINY_NOTICE
+from .params import count_params
+from .weights import CheckpointError, resolve_checkpoint, resolve_dtype
+
+USER_ERRORS = (ValueError, OSError, ConfigError, CheckpointError)  # OSError covers FileNotFoundError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # argparse prints the whole usage block; keep to the one-line error every other failure gives.
+        print(f"gemma4: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(2)
+
+
+# ---- gemma4 info ----
+
+def _info_config(model: str | None) -> ModelConfig:
+    if model is None:
+        print(TINY_NOTICE, file=sys.stderr)
+        return load_config(str(resources.files("gemma4").joinpath("data/tiny-random/config.json")))
+    if os.path.isfile(model):  # a config.json given directly
+        return load_config(model)
+    if not os.path.exists(model) and re.fullmatch(r"[\w.-]+/[\w.-]+", model):
+        # A hub id: fetch config.json only; resolve_checkpoint would download every weight shard.
+        from huggingface_hub import hf_hub_download
+
+        try:
+            file = hf_hub_download(model, "config.json")
+        except Exception as e:
+            raise FileNotFoundError(f"{model}: not a local path, and no config.json for it on the hub "
+                                    f"({type(e).__name__})") from None
+        return load_config(file)
+    return load_config(resolve_checkpoint(model))
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n else "-"
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
+def _per_kind(specs, attr: str) -> str:
+    """'256 sliding / 512 global' (one value per attention kind present)."""
+    parts = []
+    for kind, sliding in (("sliding", True), ("global", False)):
+        values = sorted({getattr(s, attr) for s in specs if s.sliding == sliding})
+        if values:
+            parts.append(f"{'/'.join(map(str, values))} {kind}")
+    return " / ".join(parts)
+
+
+def _info_rows(name: str, cfg: ModelConfig, c: dict) -> list[tuple[str, str]]:
+    t, specs = cfg.text, cfg.text.layers
+    n_sliding = sum(s.sliding for s in specs)
+    shared = [s for s in specs if s.kv_shared]
+    donors = sorted({s.kv_source for s in shared})
+    mlp = sorted({s.intermediate_size for s in specs})
+    v, a = cfg.vision, cfg.audio
+    return [
+        ("model", name),
+        ("architecture", f"{cfg.architecture} ({t.dtype})"),
+        ("layers", f"{t.num_layers}: {n_sliding} sliding (window {t.sliding_window}), {t.num_layers - n_sliding} global"),
+        ("KV-shared layers", f"{len(shared)} (layers {shared[0].index}-{shared[-1].index} reuse the K/V of layers "
+                             f"{', '.join(map(str, donors))})" if shared else "none"),
+        ("hidden size", f"{t.hidden_size}, {t.num_heads} query heads"),
+        ("head dim", _per_kind(specs, "head_dim")),
+        ("KV heads", _per_kind(specs, "num_kv_heads")),
+        ("K=V (no v_proj)", "global layers" if any(s.k_eq_v for s in specs) else "no"),
+        ("MLP width", " / ".join(map(str, mlp)) + (" (wider on KV-shared layers)" if len(mlp) > 1 else "")),
+        ("MoE", f"{t.num_experts} experts, top-{t.top_k_experts}, width {t.moe_intermediate_size}"
+                if t.num_experts else "no"),
+        ("PLE", f"{t.ple_dim} per layer" if t.ple_dim else "no"),
+        ("vision tower", f"{v.get('num_hidden_layers')} layers, width {v.get('hidden_size')}" if v else "no"),
+        ("audio tower", f"{a.get('num_hidden_layers')} layers, width {a.get('hidden_size')}" if a else "no"),
+        ("max context", f"{t.max_position_embeddings} tokens"),
+        ("", ""),
+        ("parameters", _count(c["params_total"])),
+        ("  active per token", _count(c["params_active"]) + (f" (top-{t.top_k_experts} of {t.num_experts} experts)"
+                                                            if t.num_experts else "")),
+        ("  text decoder", _count(c["params_text"])),
+        ("    token embedding", _count(c["params_embedding"]) + " (= LM head)"),
+        ("    PLE table", _count(c["params_ple"])),
+        ("  vision tower", _count(c["params_vision"])),
+        ("  audio tower", _count(c["params_audio"])),
+        ("", ""),
+        (f"KV cache ({c['dtype']})", f"{c['context']} tokens, one sequence"),
+        ("  per token", f"{c['kv_bytes_per_token']:,} bytes (average)"),
+        ("  total", f"{_bytes(c['kv_cache_bytes'])} ({c['kv_cache_bytes']:,} bytes)"),
+    ]
+
+
+def cmd_info(args) -> int:
+    if args.context is not None and args.context <= 0:
+        raise ValueError(f"--context must be a positive number of tokens, got {args.context}")
+    cfg = _info_config(args.model)
+    c = count_params(cfg, args.context)
+    if args.json:
+        specs = cfg.text.layers
+        out = {k: v for k, v in c.items() if k != "layers"}
+        out.update(num_layers=c["layers"], num_sliding_layers=sum(s.sliding for s in specs),
+                   num_global_layers=sum(not s.sliding for s in specs),
+                   num_kv_shared_layers=sum(s.kv_shared for s in specs), sliding_window=cfg.text.sliding_window,
+                   num_experts=cfg.text.num_experts, top_k_experts=cfg.text.top_k_experts,
+                   ple_dim=cfg.text.ple_dim, max_position_embeddings=cfg.text.max_position_embeddings,
+                   architecture=cfg.architecture)
+        print(json.dumps(out, indent=2))
+    else:
+        for label, value in _info_rows(args.model or "built-in tiny-random", cfg, c):
+            print(f"{label:<22}{value}".rstrip())
+    return 0
+
+
+# ---- gemma4 generate ----
+
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r}: {e}") from None
+    # torch would fail later, with a traceback, when the weights move to a GPU that is not there.
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: {torch.cuda.device_count()} CUDA device(s) available")
+
+
+def cmd_generate(args) -> int:
+    if not args.prompt:
+        raise ValueError("the prompt is empty")
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    # Check every option before loading gigabytes of weights.
+    SamplingParams(**sampling)
+    if args.dtype:
+        resolve_dtype(args.dtype, None)
+    _check_device(args.device)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    ids = llm.tokenizer.encode(args.prompt, add_bos=True)
+    for ev in llm.generate_stream([ids], **sampling):
+        print(ev.text, end="", flush=True)
+    print()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gemma4", description="Google's Gemma 4 models in plain PyTorch.")
+    parser.add_argument("--version", action="version", version=f"gemma4 {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    model_help = "checkpoint directory or Hugging Face hub id (default: the built-in tiny random model)"
+
+    p = sub.add_parser("info", help="architecture, parameter counts and K/V cache size, from config.json alone")
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--context", type=int, help="tokens for the K/V cache size (default: the model's maximum)")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("generate", help="complete a prompt, streaming the text")
+    p.add_argument("prompt")
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--dtype", help="bfloat16, float16 or float32 (default: the checkpoint's)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (the console script exits with it)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already printed
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`gemma4 info | head`): stop quietly, as Unix tools do. Point stdout at
+        # /dev/null so that the interpreter's final flush does not fail again (Python docs' recipe).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except USER_ERRORS as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"gemma4: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

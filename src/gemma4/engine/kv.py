@@ -1,0 +1,111 @@
+"""K/V cache for a batch of sequences, holding only what Gemma 4 needs.
+
+- sliding layers: a ring of `window` slots per sequence (slot = position % window);
+- global layers: one slot per position, up to `max_len`;
+- K=V global layers (26B-A4B, 31B): the values only; keys are rebuilt from them (model/text.py);
+- KV-shared layers (last layers of E2B/E4B): nothing; they read their donor layer's K/V.
+
+Positions come from the caller (`plan(positions)`), never from state kept here. A forward may cover a
+slice of the batch's rows (prefill one prompt at a time into its row), or all of them (decode).
+Shapes: B rows, T new tokens, K KV heads, D head dim.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import TextConfig
+
+
+@dataclass
+class Plan:
+    rows: slice
+    positions: torch.Tensor  # [B, T] of the new tokens
+    mask: dict  # kind -> [B, 1, T, S] boolean, True = attend
+    key_pos: dict  # kind -> [B, S] position of each key the layers of that kind see
+    ring_slots: torch.Tensor  # [B, m] ring slots written by the last m new tokens
+    full_len: int  # keys a global layer sees: slots [0, full_len)
+
+
+class KVCache:
+    def __init__(self, cfg: TextConfig, batch_size: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        self.cfg, self.max_len = cfg, max_len
+        self.window = min(cfg.sliding_window, max_len)  # a short generation needs no more slots than positions
+        self.k: dict[int, torch.Tensor | None] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        for s in cfg.layers:
+            if s.kv_shared:
+                continue
+            shape = (batch_size, s.num_kv_heads, self.window if s.sliding else max_len, s.head_dim)
+            self.k[s.index] = None if s.k_eq_v else torch.zeros(shape, dtype=dtype, device=device)
+            self.v[s.index] = torch.zeros(shape, dtype=dtype, device=device)
+        # Position held by each ring slot (-1: empty); the same for every sliding layer.
+        self.ring_pos = torch.full((batch_size, self.window), -1, dtype=torch.long, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (*self.k.values(), *self.v.values()) if t is not None)
+
+    def plan(self, positions: torch.Tensor, rows: slice = slice(None)) -> Plan:
+        """Masks and write slots for new tokens at `positions` [B, T] (consecutive within a row)."""
+        if positions.max().item() >= self.max_len:
+            raise ValueError(f"position {positions.max().item()} is past the cache's max_len {self.max_len}")
+        B, T = positions.shape
+        dev = positions.device
+        q = positions[:, :, None]
+        ring_pos = self.ring_pos[rows]
+        # Sliding layers see the ring as it was before this step, then the new tokens.
+        key_sliding = torch.cat([ring_pos, positions], dim=1)
+        kp = key_sliding[:, None, :]
+        mask_sliding = (kp >= 0) & (kp <= q) & (kp > q - self.cfg.sliding_window)
+        full_len = positions.max().item() + 1
+        key_full = torch.arange(full_len, device=dev).expand(B, full_len)
+        mask_full = key_full[:, None, :] <= q
+        m = min(T, self.window)
+        slots = positions[:, T - m:] % self.window
+        ring_pos.scatter_(1, slots, positions[:, T - m:])  # a view of self.ring_pos: updates it in place
+        return Plan(rows, positions, {"sliding": mask_sliding[:, None], "full": mask_full[:, None]},
+                    {"sliding": key_sliding, "full": key_full}, slots, full_len)
+
+    def update(self, layer: int, k_new: torch.Tensor | None, v_new: torch.Tensor, plan: Plan):
+        """Store the new tokens' K/V [B, T, K, D] of `layer`; return the K, V [B, K, S, D] and mask its
+        queries attend with. K is None on K=V layers (the caller rebuilds it from V)."""
+        spec = self.cfg.layers[layer]
+        k_buf = self.k[layer][plan.rows] if self.k[layer] is not None else None
+        v_buf = self.v[layer][plan.rows]
+        k_new = k_new.transpose(1, 2) if k_new is not None else None
+        v_new = v_new.transpose(1, 2)
+        rows = torch.arange(v_buf.shape[0], device=v_buf.device)[:, None]
+        if spec.sliding:
+            k = torch.cat([k_buf, k_new], dim=2) if k_buf is not None else None
+            v = torch.cat([v_buf, v_new], dim=2)
+            m = plan.ring_slots.shape[1]
+            for buf, new in ((k_buf, k_new), (v_buf, v_new)):
+                if buf is not None:  # buf[b, :, slot[b, j]] = new[b, :, -m + j]
+                    buf[rows, :, plan.ring_slots] = new[:, :, -m:].transpose(1, 2)
+            return k, v, plan.mask["sliding"]
+        for buf, new in ((k_buf, k_new), (v_buf, v_new)):
+            if buf is not None:
+                buf[rows, :, plan.positions] = new.transpose(1, 2)
+        n = plan.full_len
+        return (k_buf[:, :, :n] if k_buf is not None else None), v_buf[:, :, :n], plan.mask["full"]
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Drop the rows not in `index` (sequences that finished), so later steps skip them."""
+        self.k = {i: (t[index] if t is not None else None) for i, t in self.k.items()}
+        self.v = {i: t[index] for i, t in self.v.items()}
+        self.ring_pos = self.ring_pos[index]
+
+
+def kv_bytes_per_token(cfg: TextConfig, context: int, dtype_bytes: int = 2) -> int:
+    """Average K/V bytes per token of a `context`-token sequence: global layers grow with the sequence,
+    sliding layers hold one window, KV-shared layers nothing, K=V layers one tensor."""
+    total = 0
+    for s in cfg.layers:
+        if s.kv_shared:
+            continue
+        slots = min(context, cfg.sliding_window) if s.sliding else context
+        total += slots * s.num_kv_heads * s.head_dim * (1 if s.k_eq_v else 2) * dtype_bytes
+    return total // max(context, 1)

@@ -1,0 +1,119 @@
+"""`LLM`: a checkpoint, its tokenizer and generation behind one object (the user-facing API)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+
+import torch
+
+from .config import parse_config
+from .engine import runner
+from .engine.sample import DEFAULT_STOP_TOKEN_IDS, SamplingParams
+from .model import Gemma4
+from .tokenizer import load_tokenizer
+from .weights import load, resolve_checkpoint, resolve_dtype
+
+TINY_NOTICE = ("gemma4: no checkpoint given, using the built-in tiny random-weight Gemma 4 "
+               "(real tokenizer, random weights: its output is gibberish). Pass --model PATH_OR_HUB_ID for a real one.")
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # the new tokens, the stop token included when one ended the sequence
+    text: str  # the new tokens as text, without the stop token
+    finish_reason: str  # "stop" or "length"
+
+
+@dataclass
+class StreamEvent:
+    index: int  # which prompt
+    token_id: int
+    text: str  # text this token completes (may be "" while a multi-byte character is incomplete)
+    finish_reason: str | None
+
+
+def tiny_random_model(dtype=torch.float32, device="cpu", seed: int = 0) -> Gemma4:
+    """The built-in tiny Gemma 4 (E2B-like: PLE, KV sharing, double-wide MLP; real 262K vocabulary),
+    with random weights drawn from a fixed seed, so the whole stack runs without any download."""
+    with resources.files("gemma4").joinpath("data/tiny-random/config.json").open() as f:
+        config = parse_config(json.load(f))
+    gen = torch.Generator().manual_seed(seed)
+    model = Gemma4(config)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or "scale" in name:
+            p.data.uniform_(0.5, 1.5, generator=gen)
+        else:
+            p.data.normal_(0.0, 0.02, generator=gen)
+    return model.to(device=device, dtype=dtype).requires_grad_(False).eval()
+
+
+def _stop_ids(ckpt: str | None) -> tuple[int, ...]:
+    file = os.path.join(ckpt, "generation_config.json") if ckpt else None
+    if file and os.path.isfile(file):
+        with open(file, encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token_id")
+        if eos is not None:
+            return tuple(eos if isinstance(eos, list) else [eos])
+    return DEFAULT_STOP_TOKEN_IDS
+
+
+class LLM:
+    def __init__(self, path: str | os.PathLike | None = None, dtype=None, device=None):
+        if path is None:
+            print(TINY_NOTICE, file=sys.stderr)
+            self.model = tiny_random_model(resolve_dtype(dtype or "float32", None), device or "cpu")
+            self.tokenizer, ckpt = load_tokenizer(None), None
+        else:
+            ckpt = resolve_checkpoint(path)
+            self.model = load(ckpt, dtype=dtype, device=device)
+            has_tok = os.path.isfile(os.path.join(ckpt, "tokenizer.json"))
+            self.tokenizer = load_tokenizer(ckpt if has_tok else None)
+        self.config = self.model.config
+        self.stop_token_ids = _stop_ids(ckpt)
+
+    def _check(self, prompt_token_ids) -> list[list[int]]:
+        if not isinstance(prompt_token_ids, (list, tuple)) or not prompt_token_ids:
+            raise ValueError("prompt_token_ids must be a non-empty list of prompts, each a list of token ids")
+        prompts = []
+        vocab, context = self.config.text.vocab_size, self.config.text.max_position_embeddings
+        for i, p in enumerate(prompt_token_ids):
+            if not isinstance(p, (list, tuple)) or not all(isinstance(t, int) for t in p):
+                raise ValueError(f"prompt {i} must be a list of integer token ids, got {type(p).__name__}")
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+            bad = next((t for t in p if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ValueError(f"prompt {i}: token id {bad} is out of range [0, {vocab})")
+            if len(p) >= context:
+                raise ValueError(f"prompt {i} has {len(p)} tokens; the context is {context}")
+            prompts.append(list(p))
+        return prompts
+
+    def generate_stream(self, prompt_token_ids: list[list[int]], max_new_tokens: int = 256,
+                        temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                        min_p: float | None = None, repetition_penalty: float | None = None,
+                        seed: int | None = None, stop_token_ids=None) -> Iterator[StreamEvent]:
+        """Yield each new token as soon as it is sampled, with the text it completes."""
+        prompts = self._check(prompt_token_ids)
+        stops = tuple(stop_token_ids) if stop_token_ids is not None else self.stop_token_ids
+        params = [SamplingParams(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+                                 seed, stops) for _ in prompts]
+        decoders = [self.tokenizer.decode_stream() for _ in prompts]
+        for ev in runner.generate(self.model, prompts, params, [set(stops)] * len(prompts)):
+            text = "" if ev.finish_reason == "stop" else decoders[ev.index].step(ev.token_id)
+            yield StreamEvent(ev.index, ev.token_id, text, ev.finish_reason)
+
+    def generate(self, prompt_token_ids: list[list[int]], max_new_tokens: int = 256, **kwargs) -> list[GenerationResult]:
+        """One result per prompt. Keywords as `generate_stream` (temperature, top_k, top_p, min_p,
+        repetition_penalty, seed, stop_token_ids)."""
+        tokens = [[] for _ in prompt_token_ids]
+        reasons = [None] * len(prompt_token_ids)
+        for ev in self.generate_stream(prompt_token_ids, max_new_tokens, **kwargs):
+            tokens[ev.index].append(ev.token_id)
+            reasons[ev.index] = ev.finish_reason
+        return [GenerationResult(t, self.tokenizer.decode(t[:-1] if r == "stop" else t), r)
+                for t, r in zip(tokens, reasons)]

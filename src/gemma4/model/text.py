@@ -1,0 +1,305 @@
+"""The Gemma 4 text decoder (all four sizes), written to give the reference's numbers.
+
+Module names follow the published checkpoint keys (minus the `model.language_model.` prefix), so that
+loading is a straight name match. Positions always come from the caller; the K/V cache, when given,
+is an `engine.kv.KVCache` and only stores what the model needs (see there).
+
+Shapes: B batch, T new tokens, S keys, H query heads, K KV heads, D head dim, E hidden size.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LayerSpec, TextConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in (at least) fp32. Gemma 4 scales by `weight`, not `1 + weight`."""
+
+    def __init__(self, dim: int, eps: float, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
+        # pow(-0.5), not rsqrt: the reference chose it to match JAX bit for bit.
+        h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if self.weight is not None:
+            h = h * self.weight.to(h.dtype)
+        return h.type_as(x)
+
+
+def rope_inv_freq(head_dim: int, theta: float, fraction: float) -> torch.Tensor:
+    """Inverse frequencies, one per rotated pair; "proportional" RoPE rotates only the first `fraction`
+    of the pairs (exponents still over the full head_dim) and leaves the rest at frequency 0."""
+    rotated = int(fraction * head_dim // 2)
+    inv = 1.0 / theta ** (torch.arange(0, 2 * rotated, 2, dtype=torch.float, device="cpu") / head_dim)
+    return torch.cat([inv, torch.zeros(head_dim // 2 - rotated, device="cpu")])
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """positions [B, T] -> cos, sin [B, T, 1, D] in the model dtype (as the reference casts them)."""
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, heads, D]; rotate pairs (i, i + D/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, spec: LayerSpec):
+        super().__init__()
+        self.spec = spec
+        self.num_heads, self.head_dim = cfg.num_heads, spec.head_dim
+        E, D, K = cfg.hidden_size, spec.head_dim, spec.num_kv_heads
+        self.q_proj = nn.Linear(E, cfg.num_heads * D, bias=False)
+        self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
+        if not spec.kv_shared:  # KV-shared layers have no K/V weights at all
+            self.k_proj = nn.Linear(E, K * D, bias=False)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
+            self.v_norm = RMSNorm(D, cfg.rms_norm_eps, with_scale=False)
+            self.v_proj = None if spec.k_eq_v else nn.Linear(E, K * D, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * D, E, bias=False)
+
+    def new_kv(self, x: torch.Tensor, cos, sin, keep_k: bool = True):
+        """K [B, T, K, D] (normed, rotated) and V [B, T, K, D] (normed without scale) of the new tokens.
+        With K=V, V is the normalised raw key projection; a cache stores only V and K is rebuilt from it,
+        so K is not computed (None) unless `keep_k`."""
+        B, T, _ = x.shape
+        raw_k = self.k_proj(x).view(B, T, -1, self.head_dim)
+        if self.v_proj is None:
+            v = self.v_norm(raw_k)
+            return (apply_rope(self.k_norm(raw_k), cos, sin) if keep_k else None), v
+        return apply_rope(self.k_norm(raw_k), cos, sin), self.v_norm(self.v_proj(x).view(B, T, -1, self.head_dim))
+
+    def forward(self, x, cos, sin, k, v, mask):
+        """x [B, T, E]; k, v [B, K, S, D]; mask [B, 1, T, S] (True = attend)."""
+        B, T, _ = x.shape
+        q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim)), cos, sin)
+        # Gemma 4 attention has no 1/sqrt(D) scale: q_norm / k_norm already fix the logit scale.
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=1.0,
+                                             enable_gqa=k.shape[1] != self.num_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Picks top-k of the experts from the raw residual stream (not the MLP's pre-norm output: Google's
+    JAX code routes on the pre-normed input, and ports that copied it disagree with the published weights)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.top_k = cfg.top_k_experts
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, with_scale=False)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
+
+    def forward(self, x):  # x [N, E] -> weights [N, k], expert ids [N, k]
+        h = self.norm(x) * self.scale * x.shape[-1] ** -0.5
+        probs = F.softmax(self.proj(h), dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        return weights * self.per_expert_scale[ids], ids
+
+
+class Experts(nn.Module):
+    """Packed expert weights: gate_up_proj [n, 2I, E], down_proj [n, E, I]; only chosen experts run."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        n, E, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * I, E))
+        self.down_proj = nn.Parameter(torch.empty(n, E, I))
+
+    def forward(self, x, weights, ids):  # x [N, E], weights / ids [N, k]
+        out = torch.zeros_like(x)
+        flat = ids.flatten()
+        order = flat.argsort()
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        token = order // ids.shape[1]
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            sel = order[start:start + n]
+            tok = token[start:start + n]
+            start += n
+            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])
+            out.index_add_(0, tok, (y * weights.flatten()[sel, None]).to(out.dtype))
+        return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, spec: LayerSpec):
+        super().__init__()
+        E, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.spec = spec
+        self.self_attn = Attention(cfg, spec)
+        self.mlp = MLP(E, spec.intermediate_size)
+        self.input_layernorm = RMSNorm(E, eps)
+        self.post_attention_layernorm = RMSNorm(E, eps)
+        self.pre_feedforward_layernorm = RMSNorm(E, eps)
+        self.post_feedforward_layernorm = RMSNorm(E, eps)
+        self.register_buffer("layer_scalar", torch.ones(1))
+        if cfg.ple_dim:
+            self.per_layer_input_gate = nn.Linear(E, cfg.ple_dim, bias=False)
+            self.per_layer_projection = nn.Linear(cfg.ple_dim, E, bias=False)
+            self.post_per_layer_input_norm = RMSNorm(E, eps)
+        if spec.moe:
+            self.router = Router(cfg)
+            self.experts = Experts(cfg)
+            self.post_feedforward_layernorm_1 = RMSNorm(E, eps)
+            self.pre_feedforward_layernorm_2 = RMSNorm(E, eps)
+            self.post_feedforward_layernorm_2 = RMSNorm(E, eps)
+
+    def forward(self, x, x_normed, ple, cos, sin, k, v, mask):
+        """x [B, T, E] and its input_layernorm (the caller needed it for this layer's K/V)."""
+        h = self.self_attn(x_normed, cos, sin, k, v, mask)
+        x = x + self.post_attention_layernorm(h)
+
+        h = self.mlp(self.pre_feedforward_layernorm(x))
+        if self.spec.moe:  # dense MLP and routed experts in parallel, each with its own norms
+            flat = x.reshape(-1, x.shape[-1])
+            weights, ids = self.router(flat)
+            moe = self.experts(self.pre_feedforward_layernorm_2(flat), weights, ids).view_as(x)
+            h = self.post_feedforward_layernorm_1(h) + self.post_feedforward_layernorm_2(moe)
+        x = x + self.post_feedforward_layernorm(h)
+
+        if ple is not None:  # Per-Layer Embedding: a gated per-token signal added after the MLP
+            h = F.gelu(self.per_layer_input_gate(x), approximate="tanh") * ple
+            x = x + self.post_per_layer_input_norm(self.per_layer_projection(h))
+        return x * self.layer_scalar
+
+
+def _mask(q_pos, k_pos, k_valid, window: int | None):
+    """[B, 1, T, S] boolean mask from query positions [B, T] and key positions / validity [B, S]."""
+    q, kp = q_pos[:, :, None], k_pos[:, None, :]
+    m = (kp <= q) & k_valid[:, None, :]
+    if window is not None:  # the reference's sliding window: key > query - window
+        m &= kp > q - window
+    return m[:, None]
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        E = cfg.hidden_size
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, E)
+        if cfg.ple_dim:
+            L, P = cfg.num_layers, cfg.ple_dim
+            self.embed_tokens_per_layer = nn.Embedding(cfg.ple_vocab_size, L * P)
+            self.per_layer_model_projection = nn.Linear(E, L * P, bias=False)
+            self.per_layer_projection_norm = RMSNorm(P, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, s) for s in cfg.layers)
+        self.donors = frozenset(s.kv_source for s in cfg.layers if s.kv_shared)
+        self.norm = RMSNorm(E, cfg.rms_norm_eps)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(E, cfg.vocab_size, bias=False)
+        self.init_buffers()
+
+    def init_buffers(self, device=None):
+        """(Re)build the non-checkpoint buffers, e.g. after the model was built on the meta device."""
+        # One RoPE table per attention kind (all layers of a kind share head_dim and theta).
+        for kind in ("sliding", "full"):
+            spec = next((s for s in self.cfg.layers if s.sliding == (kind == "sliding")), None)
+            if spec is not None:
+                inv = rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_fraction)
+                self.register_buffer(f"inv_freq_{kind}", inv.to(device or "cpu"), persistent=False)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        w = self.embed_tokens.weight
+        # The scale is rounded to the weight dtype first, as the reference does (sqrt(1536) -> 39.25 in bf16).
+        return F.embedding(input_ids, w) * torch.tensor(self.cfg.hidden_size ** 0.5, dtype=w.dtype)
+
+    def per_layer_inputs(self, ple_ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """[B, T, L, P]: (token's own PLE row x sqrt(P) + projection of the main embedding) / sqrt(2)."""
+        cfg, w = self.cfg, self.embed_tokens_per_layer.weight
+        own = F.embedding(ple_ids, w) * torch.tensor(cfg.ple_dim ** 0.5, dtype=w.dtype)
+        proj = self.per_layer_model_projection(embeds) * cfg.hidden_size ** -0.5
+        proj = self.per_layer_projection_norm(proj.view(*embeds.shape[:-1], cfg.num_layers, cfg.ple_dim))
+        return (proj + own.view_as(proj)) * 2.0 ** -0.5
+
+    def forward(self, embeds, ple_ids, positions, cache=None, cache_rows=slice(None), key_valid=None, keep=None):
+        """Run the decoder over new tokens; returns final-normed hidden states.
+
+        embeds [B, T, E] (already scaled); ple_ids [B, T] (token ids for the PLE lookup, multimodal slots
+        mapped to the pad id); positions [B, T]. `cache`: an engine.kv.KVCache to read and extend (its rows
+        `cache_rows` hold these sequences); without one, the T tokens attend among themselves, `key_valid`
+        [B, T] marking padding. `keep`: a slice along T of the outputs wanted. KV-shared layers produce no K/V, so from the first of them on only the
+        kept tokens are computed (the last prompt token in prefill).
+        """
+        cfg = self.cfg
+        B, T, _ = embeds.shape
+        ple = self.per_layer_inputs(ple_ids, embeds) if cfg.ple_dim else None
+        dtype = embeds.dtype
+        rope = {kind: rope_cos_sin(getattr(self, f"inv_freq_{kind}"), positions, dtype)
+                for kind in ("sliding", "full") if hasattr(self, f"inv_freq_{kind}")}
+        if cache is not None:
+            plan = cache.plan(positions, cache_rows)
+        else:
+            valid = key_valid if key_valid is not None else torch.ones(B, T, dtype=torch.bool, device=positions.device)
+            # A padding query sees itself, so that no row of the mask is empty (SDPA would return NaN).
+            eye = torch.eye(T, dtype=torch.bool, device=positions.device)[None, None]
+            plan_masks = {kind: _mask(positions, positions, valid, cfg.sliding_window if kind == "sliding" else None)
+                          | eye for kind in ("sliding", "full")}
+        x, shared, key_rope = embeds, {}, {}
+        for i, layer in enumerate(self.layers):
+            spec = layer.spec
+            kind = "sliding" if spec.sliding else "full"
+            cos, sin = rope[kind]
+            if i == cfg.first_shared_layer and keep is not None:
+                x, positions, ple = x[:, keep], positions[:, keep], ple[:, keep] if ple is not None else None
+                rope = {kd: (c[:, keep], s[:, keep]) for kd, (c, s) in rope.items()}
+                cos, sin = rope[kind]
+                shared = {j: (k, v, m[:, :, keep]) for j, (k, v, m) in shared.items()}
+            x_normed = layer.input_layernorm(x)
+            if spec.kv_shared:  # K/V come explicitly from the donor layer
+                k, v, mask = shared[spec.kv_source]
+            else:
+                attn = layer.self_attn
+                k_new, v_new = attn.new_kv(x_normed, cos, sin, keep_k=cache is None)
+                if cache is None:
+                    k, v, mask = k_new.transpose(1, 2), v_new.transpose(1, 2), plan_masks[kind]
+                else:
+                    k, v, mask = cache.update(i, k_new, v_new, plan)
+                if k is None:  # K=V layer: the cache keeps one copy, keys are rebuilt from it
+                    if kind not in key_rope:
+                        key_rope[kind] = rope_cos_sin(getattr(self, f"inv_freq_{kind}"), plan.key_pos[kind], dtype)
+                    c, s = key_rope[kind]
+                    k = apply_rope(v.transpose(1, 2) * attn.k_norm.weight.to(dtype), c, s).transpose(1, 2)
+                if i in self.donors:
+                    shared[i] = (k, v, mask)
+            p = ple[:, :, i] if ple is not None else None
+            x = layer(x, x_normed, p, cos, sin, k, v, mask)
+        if keep is not None and cfg.first_shared_layer == cfg.num_layers:
+            x = x[:, keep]
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        w = self.lm_head.weight if hasattr(self, "lm_head") else self.embed_tokens.weight
+        logits = F.linear(hidden, w)
+        cap = self.cfg.final_logit_softcap
+        return torch.tanh(logits / cap) * cap if cap else logits
+

@@ -1,0 +1,129 @@
+"""Load a published Gemma 4 checkpoint (safetensors, single file or sharded) into `model.Gemma4`.
+
+The model is built on the meta device and each tensor is read once, converted to the target dtype and
+assigned: no second full copy. Nothing is ever unpickled. Names are matched exactly; the only tensors
+we skip are the towers not built (text-only load), a tied `lm_head.weight`, and the unused K/V weights
+that published files may still carry on KV-shared layers. Anything else missing, unexpected or
+mis-shaped is an error naming the tensor.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+from safetensors import safe_open
+
+from .config import ModelConfig, load_config
+from .model import Gemma4
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64,
+           "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_TOWERS = ("vision_tower.", "embed_vision.", "audio_tower.", "embed_audio.")
+_SHARED_KV_UNUSED = re.compile(r"language_model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint whose tensors do not fit the config."""
+
+
+def resolve_checkpoint(path_or_id: str | os.PathLike) -> str:
+    """A local directory, or a Hugging Face hub id looked up in the local hub cache first (then downloaded)."""
+    path = os.fspath(path_or_id)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise FileNotFoundError(f"{path} is a file; give the checkpoint directory (with config.json)")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+        try:
+            return snapshot_download(path, allow_patterns=patterns, local_files_only=True)
+        except Exception:
+            pass
+        try:
+            return snapshot_download(path, allow_patterns=patterns)
+        except Exception as e:
+            raise FileNotFoundError(f"{path}: not a local directory, and the hub id could not be found in the "
+                                    f"local cache or downloaded ({type(e).__name__}: {e})") from None
+    raise FileNotFoundError(f"no checkpoint directory at {path}")
+
+
+def safetensors_files(ckpt: str) -> list[str]:
+    index = os.path.join(ckpt, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [n for n in names if not os.path.isfile(os.path.join(ckpt, n))]
+        if missing:
+            raise CheckpointError(f"{ckpt}: shard(s) {missing} named in model.safetensors.index.json are missing")
+        return [os.path.join(ckpt, n) for n in names]
+    single = os.path.join(ckpt, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    if any(n.endswith((".bin", ".pt", ".pth")) for n in os.listdir(ckpt)):
+        raise CheckpointError(f"{ckpt}: only pickle weights found; gemma4 loads safetensors only (never unpickles)")
+    raise CheckpointError(f"{ckpt}: no model.safetensors or model.safetensors.index.json")
+
+
+def our_name(key: str, config: ModelConfig) -> str:
+    """Checkpoint key -> our parameter name (`model.language_model.x` / text-only `model.x` -> `language_model.x`)."""
+    if key.startswith("model.language_model."):
+        return key[len("model."):]
+    if key.startswith("model."):
+        rest = key[len("model."):]
+        return rest if rest.startswith(_TOWERS) else "language_model." + rest
+    if key == "lm_head.weight":
+        return "language_model.lm_head.weight"
+    return key
+
+
+def resolve_dtype(dtype, config: ModelConfig) -> torch.dtype:
+    if dtype is None:
+        dtype = config.text.dtype
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; use one of bfloat16, float16, float32, float64")
+    return _DTYPES[dtype]
+
+
+def load(path: str | os.PathLike, dtype=None, device=None) -> Gemma4:
+    """Load a checkpoint directory or hub id -> `Gemma4` in eval mode (text decoder; media towers skipped)."""
+    ckpt = resolve_checkpoint(path)
+    config = load_config(ckpt)
+    dtype = resolve_dtype(dtype, config)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with torch.device("meta"):
+        model = Gemma4(config)
+    wanted = dict(model.named_parameters())
+    wanted.update((n, b) for n, b in model.named_buffers() if n.endswith("layer_scalar"))
+    shared = {s.index for s in config.text.layers if s.kv_shared}
+    state: dict[str, torch.Tensor] = {}
+    for file in safetensors_files(ckpt):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                name = our_name(key, config)
+                if name.startswith(_TOWERS):
+                    continue  # media towers load with the multimodal model, not the text decoder
+                m = _SHARED_KV_UNUSED.match(name)
+                if m and int(m.group(1)) in shared:
+                    continue  # published files keep K/V weights that KV-shared layers never use
+                if name == "language_model.lm_head.weight" and config.text.tie_word_embeddings:
+                    continue  # tied to the embedding
+                if name not in wanted:
+                    raise CheckpointError(f"{os.path.basename(file)}: unexpected tensor {key!r} for this config")
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != tuple(wanted[name].shape):
+                    raise CheckpointError(f"{os.path.basename(file)}: tensor {key!r} has shape {shape}, "
+                                          f"the config needs {tuple(wanted[name].shape)}")
+                state[name] = f.get_tensor(key).to(device=device, dtype=dtype)
+    missing = sorted(set(wanted) - set(state))
+    if missing:
+        raise CheckpointError(f"{ckpt}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    model.load_state_dict(state, strict=False, assign=True)
+    model.init_buffers(device)
+    model.requires_grad_(False)
+    return model.eval()

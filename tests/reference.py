@@ -1,0 +1,85 @@
+"""Tiny random-weight checkpoints of the four Gemma 4 shapes, written by the reference (transformers).
+
+Every norm weight and scalar is randomised before saving: the reference's default init leaves them at
+one, which would hide wiring bugs (a norm applied to the wrong tensor, a missing layer_scalar).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+BASE = dict(vocab_size=512, vocab_size_per_layer_input=512, hidden_size=64, intermediate_size=96,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32, sliding_window=8,
+            final_logit_softcapping=30.0, max_position_embeddings=4096, rms_norm_eps=1e-6)
+S, F = "sliding_attention", "full_attention"
+
+SHAPES = {
+    # PLE, KV sharing (last 4 of 10 layers), double-wide MLP on shared layers, 1 KV head
+    "e2b": dict(BASE, num_hidden_layers=10, layer_types=[S, S, S, S, F] * 2, num_key_value_heads=1,
+                num_attention_heads=2, hidden_size_per_layer_input=8, num_kv_shared_layers=4,
+                use_double_wide_mlp=True),
+    # PLE, KV sharing (last 4 of 12), 2 KV heads
+    "e4b": dict(BASE, num_hidden_layers=12, layer_types=[S, S, S, S, S, F] * 2, hidden_size_per_layer_input=8,
+                num_kv_shared_layers=4),
+    # mixture of experts next to the dense MLP, K=V and 1 global KV head on global layers, no PLE
+    "26b": dict(BASE, num_hidden_layers=6, layer_types=[S, S, F, S, S, F], hidden_size_per_layer_input=0,
+                enable_moe_block=True, num_experts=8, top_k_experts=3, moe_intermediate_size=24,
+                attention_k_eq_v=True, num_global_key_value_heads=1, use_bidirectional_attention="vision"),
+    # dense, K=V and global KV heads, no PLE
+    "31b": dict(BASE, num_hidden_layers=6, layer_types=[S, S, S, S, S, F], hidden_size_per_layer_input=0,
+                attention_k_eq_v=True, num_global_key_value_heads=1, use_bidirectional_attention="vision"),
+}
+
+
+def randomise(model: torch.nn.Module, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        buffers = [(n, b) for n, b in model.named_buffers() if n.endswith("layer_scalar")]
+        for name, t in list(model.named_parameters()) + buffers:
+            if name.endswith(("norm.weight", "layer_scalar", "router.scale", "per_expert_scale")) or \
+                    "layernorm" in name:
+                t.copy_(torch.empty_like(t).uniform_(0.5, 1.5, generator=gen))
+            else:  # every other weight from the same seeded generator, so a shape gives one model
+                t.copy_(torch.empty_like(t).normal_(0, 0.05, generator=gen))
+
+
+def build(shape: str, out: str, text_only: bool = False, published_layout: bool = True,
+          unused_shared_kv: bool = False, seed: int = 0):
+    """Write a checkpoint to `out`; returns the reference model (fp32, eval)."""
+    from transformers import Gemma4Config, Gemma4ForCausalLM, Gemma4ForConditionalGeneration, Gemma4TextConfig
+
+    tc = dict(SHAPES[shape])
+    if text_only:
+        model = Gemma4ForCausalLM(Gemma4TextConfig(**tc))
+    else:
+        model = Gemma4ForConditionalGeneration(Gemma4Config(text_config=tc, vision_config=None, audio_config=None))
+    randomise(model, seed)
+    model.eval()
+    model.save_pretrained(out)
+    cfg_file = os.path.join(out, "config.json")
+    with open(cfg_file) as f:
+        cfg = json.load(f)
+    if published_layout:  # the Hub layout: global_head_dim / num_global_key_value_heads, no per_layer_config
+        text = cfg if text_only else cfg["text_config"]
+        text.pop("per_layer_config", None)
+        text["global_head_dim"] = tc["global_head_dim"]
+        text["num_global_key_value_heads"] = tc.get("num_global_key_value_heads")
+        with open(cfg_file, "w") as f:
+            json.dump(cfg, f, indent=2)
+    if unused_shared_kv:  # as some published files: K/V weights on KV-shared layers, never used
+        from safetensors.torch import load_file, save_file
+
+        st = os.path.join(out, "model.safetensors")
+        state = load_file(st)
+        prefix = "model." if text_only else "model.language_model."
+        E, D = tc["hidden_size"], tc["head_dim"]
+        for i in range(tc["num_hidden_layers"] - tc.get("num_kv_shared_layers", 0), tc["num_hidden_layers"]):
+            d = tc["global_head_dim"] if tc["layer_types"][i] == F else D
+            kv = tc["num_key_value_heads"]
+            state[f"{prefix}layers.{i}.self_attn.k_proj.weight"] = torch.randn(kv * d, E)
+            state[f"{prefix}layers.{i}.self_attn.v_proj.weight"] = torch.randn(kv * d, E)
+            state[f"{prefix}layers.{i}.self_attn.k_norm.weight"] = torch.randn(d)
+        save_file(state, st, metadata={"format": "pt"})
+    return model

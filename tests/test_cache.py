@@ -1,0 +1,92 @@
+"""K/V cache invariants: prefill == token-by-token decode == chunked prefill == the cache-free forward,
+across window rotation; batched generation == one prompt at a time; the cache holds only what it must."""
+import pytest
+import torch
+
+import gemma4
+from gemma4.engine.kv import KVCache, kv_bytes_per_token
+from gemma4.engine.runner import step_logits
+
+SHAPES = ["e2b", "e4b", "26b", "31b"]
+N = 30  # window 8: the ring rotates several times
+
+
+def logits_with_cache(model, ids, chunk):
+    """Logits of every position, feeding the prompt `chunk` tokens at a time through a K/V cache."""
+    cache = KVCache(model.config.text, 1, ids.shape[1], model.dtype)
+    out = []
+    for start in range(0, ids.shape[1], chunk):
+        part = ids[:, start:start + chunk]
+        pos = torch.arange(start, start + part.shape[1])[None]
+        embeds, ple_ids = model.embed(part)
+        with torch.no_grad():
+            hidden = model.language_model(embeds, ple_ids, pos, cache=cache)
+            out.append(model.language_model.logits(hidden))
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_prefill_decode_chunked_agree(ckpt, shape):
+    path, _ = ckpt(shape)
+    # float64: the three ways must agree to rounding, which fp32 noise would hide
+    model = gemma4.load(path, dtype="float64", device="cpu")
+    ids = torch.randint(3, 512, (1, N), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(ids)
+    scale = full.abs().max().item()
+    for chunk in (N, 1, 5, 8, 13):
+        got = logits_with_cache(model, ids, chunk)
+        assert (got - full).abs().max().item() <= 1e-10 * scale, f"chunk {chunk}"
+
+
+@pytest.mark.parametrize("shape", ["e2b", "26b"])
+def test_last_token_logits_skip_shared_layers_work(ckpt, shape):
+    """step_logits runs KV-shared layers on the last token only; its logits equal the full forward's."""
+    path, _ = ckpt(shape)
+    model = gemma4.load(path, dtype="float64", device="cpu")
+    ids = torch.randint(3, 512, (1, N), generator=torch.Generator().manual_seed(4))
+    cache = KVCache(model.config.text, 1, N + 1, model.dtype)
+    last = step_logits(model, ids, torch.arange(N)[None], cache)
+    with torch.no_grad():
+        full = model(ids)[:, -1]
+    assert (last - full).abs().max().item() <= 1e-10 * full.abs().max().item()
+
+
+@pytest.mark.parametrize("shape", ["e2b", "31b"])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_batched_equals_one_by_one(ckpt, shape, sampled):
+    path, _ = ckpt(shape)
+    llm = gemma4.LLM(path, dtype="float64", device="cpu")
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (3, 17, 9)]
+    kw = dict(max_new_tokens=14, stop_token_ids=[], temperature=0.8 if sampled else 0.0, top_k=50, seed=7)
+    together = llm.generate(prompts, **kw)
+    alone = [llm.generate([p], **kw)[0] for p in prompts]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+
+
+def test_stop_token_ends_one_sequence_not_the_batch(ckpt):
+    path, _ = ckpt("e2b")
+    llm = gemma4.LLM(path, dtype="float32", device="cpu")
+    prompts = [[5, 6, 7], [9, 10, 11, 12]]
+    free = llm.generate(prompts, max_new_tokens=10, stop_token_ids=[])
+    stop = free[0].token_ids[3]
+    outs = llm.generate(prompts, max_new_tokens=10, stop_token_ids=[stop])
+    first = free[0].token_ids.index(stop)
+    assert outs[0].token_ids == free[0].token_ids[:first + 1] and outs[0].finish_reason == "stop"
+    if stop not in free[1].token_ids:
+        assert outs[1].token_ids == free[1].token_ids and outs[1].finish_reason == "length"
+
+
+@pytest.mark.parametrize("shape,expected", [
+    # E2B-like: 6 non-shared layers, 5 sliding (window 8, 1 KV head, D 16) + 1 global (D 32); K and V
+    ("e2b", lambda ctx: (5 * min(ctx, 8) * 1 * 16 * 2 + 1 * ctx * 1 * 32 * 2) * 4),
+    # 31B-like: 5 sliding (2 KV heads, D 16) + 1 global K=V (1 KV head, D 32): one tensor on the global layer
+    ("31b", lambda ctx: (5 * min(ctx, 8) * 2 * 16 * 2 + 1 * ctx * 1 * 32 * 1) * 4),
+])
+def test_cache_holds_only_what_is_needed(ckpt, shape, expected):
+    path, _ = ckpt(shape)
+    cfg = gemma4.load_config(path).text
+    for ctx in (5, 8, 100):
+        assert KVCache(cfg, 1, ctx, torch.float32).nbytes == expected(ctx)
+        assert kv_bytes_per_token(cfg, ctx, 4) == expected(ctx) // ctx

@@ -1,0 +1,88 @@
+"""Our logits and greedy tokens against the reference (transformers) on tiny random checkpoints."""
+import pytest
+import torch
+
+import gemma4
+
+SHAPES = ["e2b", "e4b", "26b", "31b"]
+PROMPT_LEN = 21  # longer than the sliding window (8) of the tiny configs
+
+
+def prompt(n=PROMPT_LEN, batch=1, seed=0):
+    return torch.randint(3, 512, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_close(ours, ref):
+    scale = ref.abs().max().item()
+    diff = (ours - ref).abs().max().item()
+    assert diff <= 1e-4 * scale, f"max abs diff {diff:.3g} > 1e-4 x logit scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("text_only", [False, True])
+def test_logits_match_reference(ckpt, shape, text_only):
+    path, ref = ckpt(shape, text_only=text_only)
+    model = gemma4.load(path, dtype="float32", device="cpu")
+    ids = prompt(batch=2)
+    with torch.no_grad():
+        assert_close(model(ids), ref(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_greedy_32_tokens_match_reference(ckpt, shape):
+    path, ref = ckpt(shape)
+    ids = prompt()
+    expected = ref.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
+    llm = gemma4.LLM(path, dtype="float32", device="cpu")
+    [out] = llm.generate([ids[0].tolist()], max_new_tokens=32, stop_token_ids=[])
+    assert out.token_ids == expected[0, PROMPT_LEN:].tolist()
+    assert out.finish_reason == "length"
+
+
+@pytest.mark.parametrize("shape", ["e2b", "26b"])
+def test_padded_batch(ckpt, shape):
+    path, ref = ckpt(shape)
+    model = gemma4.load(path, dtype="float32", device="cpu")
+    a, b = prompt(15, seed=1)[0], prompt(10, seed=2)[0]
+    with torch.no_grad():
+        ref_a, ref_b = ref(input_ids=a[None]).logits[0], ref(input_ids=b[None]).logits[0]
+        # right padding: the reference and we agree on every real position
+        ids = torch.stack([a, torch.cat([b, torch.zeros(5, dtype=torch.long)])])
+        mask = torch.stack([torch.ones(15), torch.cat([torch.ones(10), torch.zeros(5)])]).long()
+        ours = model(ids, attention_mask=mask)
+        assert_close(ours[1, :10], ref(input_ids=ids, attention_mask=mask).logits[1, :10])
+        assert_close(ours[0], ref_a)
+        assert_close(ours[1, :10], ref_b)
+        # left padding: positions count real tokens only, so the row equals the unpadded prompt
+        ids = torch.stack([a, torch.cat([torch.zeros(5, dtype=torch.long), b])])
+        mask = torch.stack([torch.ones(15), torch.cat([torch.zeros(5), torch.ones(10)])]).long()
+        assert_close(model(ids, attention_mask=mask)[1, 5:], ref_b)
+    # batched generation of prompts of different lengths == the reference one by one
+    llm = gemma4.LLM(path, dtype="float32", device="cpu")
+    outs = llm.generate([a.tolist(), b.tolist()], max_new_tokens=12, stop_token_ids=[])
+    for p, out in zip((a, b), outs):
+        exp = ref.generate(p[None], max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert out.token_ids == exp[0, len(p):].tolist()
+
+
+@pytest.mark.parametrize("shape", ["e2b", "31b"])
+def test_config_layouts_and_unused_kv_give_same_logits(ckpt, shape):
+    ids = prompt()
+    logits = []
+    for options in (dict(published_layout=True), dict(published_layout=False),
+                    dict(published_layout=True, unused_shared_kv=True)):
+        path, _ = ckpt(shape, **options)
+        with torch.no_grad():
+            logits.append(gemma4.load(path, dtype="float32", device="cpu")(ids))
+    assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])
+
+
+def test_bf16_close_to_reference(ckpt):
+    path, ref = ckpt("e2b")
+    ref_bf16 = type(ref).from_pretrained(path, dtype=torch.bfloat16).eval()
+    model = gemma4.load(path, dtype="bfloat16", device="cpu")
+    ids = prompt()
+    with torch.no_grad():
+        ours, theirs = model(ids).float(), ref_bf16(input_ids=ids).logits.float()
+    assert (ours - theirs).abs().max().item() <= 0.02 * theirs.abs().max().item()
+    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item() >= 0.95
