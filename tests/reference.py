@@ -45,8 +45,15 @@ def randomise(model: torch.nn.Module, seed: int = 0) -> None:
                 t.copy_(torch.empty_like(t).normal_(0, 0.05, generator=gen))
 
 
+# Tiny media towers: the text-only load must skip their tensors.
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+              num_key_value_heads=2, head_dim=16, position_embedding_size=64, use_clipped_linears=True)
+AUDIO = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, output_proj_dims=32,
+             subsampling_conv_channels=[8, 4])
+
+
 def build(shape: str, out: str, text_only: bool = False, published_layout: bool = True,
-          unused_shared_kv: bool = False, seed: int = 0):
+          unused_shared_kv: bool = False, towers: bool = False, max_shard_size=None, seed: int = 0):
     """Write a checkpoint to `out`; returns the reference model (fp32, eval)."""
     from transformers import Gemma4Config, Gemma4ForCausalLM, Gemma4ForConditionalGeneration, Gemma4TextConfig
 
@@ -54,10 +61,11 @@ def build(shape: str, out: str, text_only: bool = False, published_layout: bool 
     if text_only:
         model = Gemma4ForCausalLM(Gemma4TextConfig(**tc))
     else:
-        model = Gemma4ForConditionalGeneration(Gemma4Config(text_config=tc, vision_config=None, audio_config=None))
+        model = Gemma4ForConditionalGeneration(Gemma4Config(
+            text_config=tc, vision_config=VISION if towers else None, audio_config=AUDIO if towers else None))
     randomise(model, seed)
     model.eval()
-    model.save_pretrained(out)
+    model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     cfg_file = os.path.join(out, "config.json")
     with open(cfg_file) as f:
         cfg = json.load(f)

@@ -66,7 +66,8 @@ def test_counts_match_transformers(capsys, name):
         ref = Gemma4ForConditionalGeneration(Gemma4Config(**cfg)).model
 
     def stored(*parts):
-        return sum(t.numel() for p in parts if getattr(ref, p) is not None for t in getattr(ref, p).state_dict().values())
+        modules = [getattr(ref, p) for p in parts if getattr(ref, p) is not None]
+        return sum(t.numel() for m in modules for t in m.state_dict().values())
 
     info = info_json(capsys, name)
     assert info["params_vision"] == stored("vision_tower", "embed_vision")
@@ -140,7 +141,7 @@ BAD = [  # argv, words the one-line error must contain
     (["generate", "--top-p", "1.5", "hi"], "top_p must be in (0, 1]"),
     (["generate", "--max-new-tokens", "many", "hi"], "invalid int value: 'many'"),
     (["generate", "--dtype", "int8", "hi"], "unsupported dtype 'int8'"),
-    (["generate", "--device", "cuda:99", "hi"], "--device cuda:99"),
+    (["generate", "--device", "cuda:99", "hi"], "device cuda:99: 0 CUDA device(s) available"),
     (["generate", "--model", "{unknown}", "hi"], "frobnicate"),
     (["info", "--model", "/nonexistent"], "/nonexistent"),
     (["info", "--context", "0"], "--context must be a positive number"),

@@ -86,3 +86,35 @@ def test_bf16_close_to_reference(ckpt):
         ours, theirs = model(ids).float(), ref_bf16(input_ids=ids).logits.float()
     assert (ours - theirs).abs().max().item() <= 0.02 * theirs.abs().max().item()
     assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item() >= 0.95
+
+
+def test_sharded_checkpoint_with_media_towers(ckpt):
+    """A sharded file set (index + shards) with vision and audio towers: the text load skips the towers
+    and still matches the reference on text."""
+    path, ref = ckpt("e2b", towers=True, max_shard_size="100KB")
+    import os
+    assert os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
+    model = gemma4.load(path, dtype="float32", device="cpu")
+    ids = prompt()
+    with torch.no_grad():
+        assert_close(model(ids), ref(input_ids=ids).logits)
+
+
+def test_hub_id_resolves_through_local_cache(ckpt, tmp_path, monkeypatch):
+    """`load("org/name")` finds a checkpoint in huggingface_hub's cache layout, offline."""
+    import shutil
+
+    path, ref = ckpt("e2b")
+    snap = tmp_path / "hub" / "models--google--gemma-4-tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(path, snap)
+    (tmp_path / "hub" / "models--google--gemma-4-tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--google--gemma-4-tiny" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    model = gemma4.load("google/gemma-4-tiny", dtype="float32", device="cpu")
+    ids = prompt()
+    with torch.no_grad():
+        assert_close(model(ids), ref(input_ids=ids).logits)

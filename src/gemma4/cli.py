@@ -9,18 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from importlib import resources
-
-import torch
 
 from . import __version__
 from .config import ConfigError, ModelConfig, load_config
 from .engine.sample import SamplingParams
 from .llm import LLM, TINY_NOTICE
 from .params import count_params
-from .weights import CheckpointError, resolve_checkpoint, resolve_dtype
+from .weights import CheckpointError, resolve_checkpoint, resolve_device, resolve_dtype
 
 USER_ERRORS = (ValueError, OSError, ConfigError, CheckpointError)  # OSError covers FileNotFoundError
 
@@ -40,17 +37,8 @@ def _info_config(model: str | None) -> ModelConfig:
         return load_config(str(resources.files("gemma4").joinpath("data/tiny-random/config.json")))
     if os.path.isfile(model):  # a config.json given directly
         return load_config(model)
-    if not os.path.exists(model) and re.fullmatch(r"[\w.-]+/[\w.-]+", model):
-        # A hub id: fetch config.json only; resolve_checkpoint would download every weight shard.
-        from huggingface_hub import hf_hub_download
-
-        try:
-            file = hf_hub_download(model, "config.json")
-        except Exception as e:
-            raise FileNotFoundError(f"{model}: not a local path, and no config.json for it on the hub "
-                                    f"({type(e).__name__})") from None
-        return load_config(file)
-    return load_config(resolve_checkpoint(model))
+    # A hub id fetches config.json only, not the weight shards.
+    return load_config(resolve_checkpoint(model, config_only=True))
 
 
 def _count(n: int) -> str:
@@ -81,7 +69,8 @@ def _info_rows(name: str, cfg: ModelConfig, c: dict) -> list[tuple[str, str]]:
     return [
         ("model", name),
         ("architecture", f"{cfg.architecture} ({t.dtype})"),
-        ("layers", f"{t.num_layers}: {n_sliding} sliding (window {t.sliding_window}), {t.num_layers - n_sliding} global"),
+        ("layers", f"{t.num_layers}: {n_sliding} sliding (window {t.sliding_window}), "
+                   f"{t.num_layers - n_sliding} global"),
         ("KV-shared layers", f"{len(shared)} (layers {shared[0].index}-{shared[-1].index} reuse the K/V of layers "
                              f"{', '.join(map(str, donors))})" if shared else "none"),
         ("hidden size", f"{t.hidden_size}, {t.num_heads} query heads"),
@@ -134,18 +123,6 @@ def cmd_info(args) -> int:
 
 # ---- gemma4 generate ----
 
-def _check_device(device: str | None) -> None:
-    if device is None:
-        return
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"--device {device!r}: {e}") from None
-    # torch would fail later, with a traceback, when the weights move to a GPU that is not there.
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: {torch.cuda.device_count()} CUDA device(s) available")
-
-
 def cmd_generate(args) -> int:
     if not args.prompt:
         raise ValueError("the prompt is empty")
@@ -155,7 +132,7 @@ def cmd_generate(args) -> int:
     SamplingParams(**sampling)
     if args.dtype:
         resolve_dtype(args.dtype, None)
-    _check_device(args.device)
+    resolve_device(args.device)
     llm = LLM(args.model, dtype=args.dtype, device=args.device)
     ids = llm.tokenizer.encode(args.prompt, add_bos=True)
     for ev in llm.generate_stream([ids], **sampling):

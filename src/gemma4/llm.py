@@ -15,7 +15,7 @@ from .engine import runner
 from .engine.sample import DEFAULT_STOP_TOKEN_IDS, SamplingParams
 from .model import Gemma4
 from .tokenizer import load_tokenizer
-from .weights import load, resolve_checkpoint, resolve_dtype
+from .weights import load, resolve_checkpoint, resolve_device, resolve_dtype
 
 TINY_NOTICE = ("gemma4: no checkpoint given, using the built-in tiny random-weight Gemma 4 "
                "(real tokenizer, random weights: its output is gibberish). Pass --model PATH_OR_HUB_ID for a real one.")
@@ -64,8 +64,9 @@ def _stop_ids(ckpt: str | None) -> tuple[int, ...]:
 class LLM:
     def __init__(self, path: str | os.PathLike | None = None, dtype=None, device=None):
         if path is None:
+            dtype, device = resolve_dtype(dtype or "float32", None), resolve_device(device or "cpu")
             print(TINY_NOTICE, file=sys.stderr)
-            self.model = tiny_random_model(resolve_dtype(dtype or "float32", None), device or "cpu")
+            self.model = tiny_random_model(dtype, device)
             self.tokenizer, ckpt = load_tokenizer(None), None
         else:
             ckpt = resolve_checkpoint(path)

@@ -28,8 +28,9 @@ class CheckpointError(ValueError):
     """A checkpoint whose tensors do not fit the config."""
 
 
-def resolve_checkpoint(path_or_id: str | os.PathLike) -> str:
-    """A local directory, or a Hugging Face hub id looked up in the local hub cache first (then downloaded)."""
+def resolve_checkpoint(path_or_id: str | os.PathLike, config_only: bool = False) -> str:
+    """A local directory, or a Hugging Face hub id looked up in the local hub cache first (then downloaded;
+    `config_only`: just the JSON files, not gigabytes of weights)."""
     path = os.fspath(path_or_id)
     if os.path.isdir(path):
         return path
@@ -38,7 +39,7 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> str:
     if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith((".", "/")):
         from huggingface_hub import snapshot_download
 
-        patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+        patterns = ["*.json"] if config_only else ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
         try:
             return snapshot_download(path, allow_patterns=patterns, local_files_only=True)
         except Exception:
@@ -90,12 +91,25 @@ def resolve_dtype(dtype, config: ModelConfig) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def resolve_device(device) -> torch.device:
+    """None -> cuda if there is a GPU, else cpu; a GPU that is not there is a clear error, not a torch assert."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r}: {e}") from None
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {device}: {torch.cuda.device_count()} CUDA device(s) available")
+    return dev
+
+
 def load(path: str | os.PathLike, dtype=None, device=None) -> Gemma4:
     """Load a checkpoint directory or hub id -> `Gemma4` in eval mode (text decoder; media towers skipped)."""
     ckpt = resolve_checkpoint(path)
     config = load_config(ckpt)
     dtype = resolve_dtype(dtype, config)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     with torch.device("meta"):
         model = Gemma4(config)
     wanted = dict(model.named_parameters())
