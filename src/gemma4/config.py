@@ -82,7 +82,7 @@ _TEXT_FIELDS = {
 }
 _IGNORED_FIELDS = {
     "model_type", "architectures", "attention_dropout", "initializer_range", "use_cache", "transformers_version",
-    "_name_or_path", "output_attentions", "output_hidden_states", "return_dict", "is_encoder_decoder",
+    "output_attentions", "output_hidden_states", "return_dict", "is_encoder_decoder",
     "chunk_size_feed_forward", "problem_type", "id2label", "label2id", "tokenizer_class", "_attn_implementation",
     "keys_to_ignore_at_inference", "output_router_logits", "router_aux_loss_coef",
 }
@@ -109,7 +109,8 @@ def _rope(params: dict, layer_type: str) -> tuple[float, float]:
 
 
 def parse_text_config(tc: dict, dtype: str | None = None) -> TextConfig:
-    unknown = sorted(set(tc) - _TEXT_FIELDS - _IGNORED_FIELDS)
+    # Keys starting with "_" are bookkeeping (transformers' `_name_or_path`, tools' provenance notes).
+    unknown = sorted(k for k in set(tc) - _TEXT_FIELDS - _IGNORED_FIELDS if not k.startswith("_"))
     if unknown:
         _fail(f"unknown text_config field(s) {unknown}; this Gemma 4 implementation does not know what they change")
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):

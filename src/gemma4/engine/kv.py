@@ -26,6 +26,7 @@ class Plan:
     key_pos: dict  # kind -> [B, S] position of each key the layers of that kind see
     ring_slots: torch.Tensor  # [B, m] ring slots written by the last m new tokens
     full_len: int  # keys a global layer sees: slots [0, full_len)
+    ring_used: bool  # False: the ring is empty, sliding layers attend over the new tokens only
 
 
 class KVCache:
@@ -56,8 +57,11 @@ class KVCache:
         dev = positions.device
         q = positions[:, :, None]
         ring_pos = self.ring_pos[rows]
-        # Sliding layers see the ring as it was before this step, then the new tokens.
-        key_sliding = torch.cat([ring_pos, positions], dim=1)
+        # Sliding layers see the ring as it was before this step, then the new tokens. A first prefill chunk
+        # skips the empty ring, so that it attends over exactly the keys (and in the order) the cache-free
+        # forward does: same rounding in bf16, where a random-weight model amplifies every last-bit change.
+        ring_used = bool((ring_pos >= 0).any())
+        key_sliding = torch.cat([ring_pos, positions], dim=1) if ring_used else positions
         kp = key_sliding[:, None, :]
         mask_sliding = (kp >= 0) & (kp <= q) & (kp > q - self.cfg.sliding_window)
         full_len = positions.max().item() + 1
@@ -67,7 +71,7 @@ class KVCache:
         slots = positions[:, T - m:] % self.window
         ring_pos.scatter_(1, slots, positions[:, T - m:])  # a view of self.ring_pos: updates it in place
         return Plan(rows, positions, {"sliding": mask_sliding[:, None], "full": mask_full[:, None]},
-                    {"sliding": key_sliding, "full": key_full}, slots, full_len)
+                    {"sliding": key_sliding, "full": key_full}, slots, full_len, ring_used)
 
     def update(self, layer: int, k_new: torch.Tensor | None, v_new: torch.Tensor, plan: Plan):
         """Store the new tokens' K/V [B, T, K, D] of `layer`; return the K, V [B, K, S, D] and mask its
@@ -79,8 +83,10 @@ class KVCache:
         v_new = v_new.transpose(1, 2)
         rows = torch.arange(v_buf.shape[0], device=v_buf.device)[:, None]
         if spec.sliding:
-            k = torch.cat([k_buf, k_new], dim=2) if k_buf is not None else None
-            v = torch.cat([v_buf, v_new], dim=2)
+            k, v = k_new, v_new
+            if plan.ring_used:
+                k = torch.cat([k_buf, k_new], dim=2) if k_buf is not None else None
+                v = torch.cat([v_buf, v_new], dim=2)
             m = plan.ring_slots.shape[1]
             for buf, new in ((k_buf, k_new), (v_buf, v_new)):
                 if buf is not None:  # buf[b, :, slot[b, j]] = new[b, :, -m + j]
