@@ -33,16 +33,25 @@ SHAPES = {
 }
 
 
-def randomise(model: torch.nn.Module, seed: int = 0) -> None:
+def randomise(model: torch.nn.Module, seed: int = 0, tame: bool = False) -> None:
+    """Every norm weight and scalar uniform in [0.5, 1.5], other weights normal(0, 0.05). `tame`: scaled
+    the way a trained model's are (embeddings large next to what each layer adds: post-norms near 0.1,
+    other norms near 1, weights std 0.02), so that small weight errors stay small; a wild random model is
+    chaotic (its fp32 and bf16 logits agree only to a cosine of ~0.97), which would drown what a
+    quantization test measures."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         buffers = [(n, b) for n, b in model.named_buffers() if n.endswith("layer_scalar")]
         for name, t in list(model.named_parameters()) + buffers:
+            lo, hi = (0.5, 1.5)
+            if tame:
+                lo, hi = (0.05, 0.15) if ".post_" in name else (0.8, 1.2)
             if name.endswith(("norm.weight", "layer_scalar", "router.scale", "per_expert_scale")) or \
                     "layernorm" in name:
-                t.copy_(torch.empty_like(t).uniform_(0.5, 1.5, generator=gen))
+                t.copy_(torch.empty_like(t).uniform_(lo, hi, generator=gen))
             else:  # every other weight from the same seeded generator, so a shape gives one model
-                t.copy_(torch.empty_like(t).normal_(0, 0.05, generator=gen))
+                std = 0.05 if not tame else 0.3 if "embed_tokens" in name else 0.02
+                t.copy_(torch.empty_like(t).normal_(0, std, generator=gen))
 
 
 # Tiny media towers: the text-only load must skip their tensors.
@@ -53,8 +62,9 @@ AUDIO = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, output_
 
 
 def build(shape: str, out: str, text_only: bool = False, published_layout: bool = True,
-          unused_shared_kv: bool = False, towers: bool = False, max_shard_size=None, seed: int = 0):
-    """Write a checkpoint to `out`; returns the reference model (fp32, eval)."""
+          unused_shared_kv: bool = False, towers: bool = False, max_shard_size=None, seed: int = 0,
+          tame: bool = False):
+    """Write a checkpoint to `out`; returns the reference model (fp32, eval). `tame`: see `randomise`."""
     from transformers import Gemma4Config, Gemma4ForCausalLM, Gemma4ForConditionalGeneration, Gemma4TextConfig
 
     tc = dict(SHAPES[shape])
@@ -63,7 +73,7 @@ def build(shape: str, out: str, text_only: bool = False, published_layout: bool 
     else:
         model = Gemma4ForConditionalGeneration(Gemma4Config(
             text_config=tc, vision_config=VISION if towers else None, audio_config=AUDIO if towers else None))
-    randomise(model, seed)
+    randomise(model, seed, tame)
     model.eval()
     model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     cfg_file = os.path.join(out, "config.json")

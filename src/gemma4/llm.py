@@ -62,19 +62,45 @@ def _stop_ids(ckpt: str | None) -> tuple[int, ...]:
 
 
 class LLM:
-    def __init__(self, path: str | os.PathLike | None = None, dtype=None, device=None):
+    def __init__(self, path: str | os.PathLike | None = None, dtype=None, device=None,
+                 quantize: str | None = None, group_size: int = 32):
+        """`path`: checkpoint directory or hub id (None: the built-in tiny random model). `quantize`:
+        "int8" / "int4" weight-only, done at load (or load a checkpoint saved by `save_quantized`)."""
         if path is None:
             dtype, device = resolve_dtype(dtype or "float32", None), resolve_device(device or "cpu")
             print(TINY_NOTICE, file=sys.stderr)
             self.model = tiny_random_model(dtype, device)
-            self.tokenizer, ckpt = load_tokenizer(None), None
+            if quantize:
+                from .quant import quantize_model
+
+                bits = {"int8": 8, "int4": 4}.get(quantize)
+                if bits is None:
+                    raise ValueError(f"quantize must be 'int8' or 'int4', got {quantize!r}")
+                quantize_model(self.model, bits, group_size)
+            self.checkpoint = None
         else:
-            ckpt = resolve_checkpoint(path)
-            self.model = load(ckpt, dtype=dtype, device=device)
-            has_tok = os.path.isfile(os.path.join(ckpt, "tokenizer.json"))
-            self.tokenizer = load_tokenizer(ckpt if has_tok else None)
+            self.checkpoint = resolve_checkpoint(path)
+            self.model = load(self.checkpoint, dtype=dtype, device=device, quantize=quantize, group_size=group_size)
         self.config = self.model.config
-        self.stop_token_ids = _stop_ids(ckpt)
+        self.stop_token_ids = _stop_ids(self.checkpoint)
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        """Loaded on first use (a second and ~100 MB that token-id-only callers do not need)."""
+        if self._tokenizer is None:
+            ckpt = self.checkpoint
+            has_own = ckpt is not None and os.path.isfile(os.path.join(ckpt, "tokenizer.json"))
+            self._tokenizer = load_tokenizer(ckpt if has_own else None)
+        return self._tokenizer
+
+    def save_quantized(self, out: str) -> None:
+        """Write this (quantized) model as a checkpoint directory that loads without re-quantizing."""
+        from .quant import save_quantized
+
+        if self.checkpoint is None:
+            raise ValueError("the built-in tiny model has no checkpoint to save from")
+        save_quantized(self.model, self.checkpoint, out)
 
     def _check(self, prompt_token_ids) -> list[list[int]]:
         if not isinstance(prompt_token_ids, (list, tuple)) or not prompt_token_ids:

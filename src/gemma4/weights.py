@@ -104,16 +104,32 @@ def resolve_device(device) -> torch.device:
     return dev
 
 
-def load(path: str | os.PathLike, dtype=None, device=None) -> Gemma4:
-    """Load a checkpoint directory or hub id -> `Gemma4` in eval mode (text decoder; media towers skipped)."""
+def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None = None,
+         group_size: int = 32) -> Gemma4:
+    """Load a checkpoint directory or hub id -> `Gemma4` in eval mode (text decoder; media towers skipped).
+
+    Tensors already in the target dtype stay memory-mapped from the file (no copy). The PLE table always
+    stays in its stored dtype, memory-mapped: it is only ever looked up, a row per token, so most of its
+    2.3B (E2B) parameters are never read into memory. `quantize`: "int8" / "int4" weight-only, done here;
+    a checkpoint saved quantized (config.json `quantization_config`) loads as such.
+    """
     ckpt = resolve_checkpoint(path)
     config = load_config(ckpt)
     dtype = resolve_dtype(dtype, config)
     device = resolve_device(device)
+    saved_quant = _saved_quantization(ckpt)
+    if quantize is not None and saved_quant:
+        raise ValueError(f"{ckpt} is already quantized ({saved_quant['bits']}-bit); load it without quantize=")
+    bits = {None: None, "int8": 8, "int4": 4, 8: 8, 4: 4}.get(quantize, -1)
+    if bits == -1:
+        raise ValueError(f"quantize must be 'int8' or 'int4', got {quantize!r}")
     with torch.device("meta"):
         model = Gemma4(config)
-    wanted = dict(model.named_parameters())
-    wanted.update((n, b) for n, b in model.named_buffers() if n.endswith("layer_scalar"))
+    if saved_quant:
+        from .quant import quantize_structure
+
+        quantize_structure(model.language_model, saved_quant["bits"], saved_quant["group_size"], dtype)
+    wanted = model.state_dict()  # parameters and persistent buffers (layer_scalar, quantized weights)
     shared = {s.index for s in config.text.layers if s.kv_shared}
     state: dict[str, torch.Tensor] = {}
     for file in safetensors_files(ckpt):
@@ -133,11 +149,34 @@ def load(path: str | os.PathLike, dtype=None, device=None) -> Gemma4:
                 if shape != tuple(wanted[name].shape):
                     raise CheckpointError(f"{os.path.basename(file)}: tensor {key!r} has shape {shape}, "
                                           f"the config needs {tuple(wanted[name].shape)}")
-                state[name] = f.get_tensor(key).to(device=device, dtype=dtype)
+                t = f.get_tensor(key)
+                keep_dtype = not t.is_floating_point() or t.dtype == torch.float16 and name.endswith(".scales") \
+                    or name.endswith("embed_tokens_per_layer.weight")
+                state[name] = t.to(device=device, dtype=None if keep_dtype else dtype)
     missing = sorted(set(wanted) - set(state))
     if missing:
         raise CheckpointError(f"{ckpt}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     model.load_state_dict(state, strict=False, assign=True)
     model.init_buffers(device)
     model.requires_grad_(False)
+    model.quantization = saved_quant
+    if bits:
+        from .quant import quantize_model
+
+        quantize_model(model, bits, group_size)
     return model.eval()
+
+
+def _saved_quantization(ckpt: str) -> dict | None:
+    with open(os.path.join(ckpt, "config.json"), encoding="utf-8") as f:
+        q = json.load(f).get("quantization_config")
+    if q is None:
+        return None
+    from .quant import QUANT_METHOD, check_quantization
+
+    if not isinstance(q, dict) or q.get("quant_method") != QUANT_METHOD:
+        method = q.get("quant_method") if isinstance(q, dict) else q
+        raise CheckpointError(f"{ckpt}: quantization {method!r} is not supported (gemma4 reads float checkpoints "
+                              f"and its own '{QUANT_METHOD}' int8/int4 ones)")
+    check_quantization(q.get("bits"), q.get("group_size"))
+    return q

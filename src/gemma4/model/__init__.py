@@ -38,12 +38,12 @@ class Gemma4(nn.Module):
         self.language_model.init_buffers(device)
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.language_model.embed_tokens.weight.dtype
+    def dtype(self) -> torch.dtype:  # the compute dtype (norm weights are never quantized)
+        return self.language_model.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.language_model.embed_tokens.weight.device
+        return self.language_model.norm.weight.device
 
     def embed(self, input_ids: torch.Tensor):
         """input ids [B, T] -> (scaled embeddings [B, T, E], ids for the PLE lookup [B, T])."""

@@ -17,6 +17,25 @@ from torch import nn
 from ..config import LayerSpec, TextConfig
 
 
+def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T. Many-row bf16 products run in fp32 on a CPU: most CPUs emulate bf16 matmuls (6x slower than
+    fp32 here), while a one-row product (decode) is bound by reading the weights, which stay bf16. The
+    result is rounded back to bf16, as the reference's bf16 matmul does."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() >= 16 * x.shape[-1]:
+        return F.linear(x.float(), w.float()).to(x.dtype)
+    return F.linear(x, w)
+
+
+class Linear(nn.Linear):
+    """A bias-free projection; gemma4.quant swaps these for int8 / int4 ones."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return matmul(x, self.weight)
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in (at least) fp32. Gemma 4 scales by `weight`, not `1 + weight`."""
 
@@ -55,20 +74,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def small_query_attention(q, k, v, mask):
+    """Attention for a few queries, q [B, H, T, D] over k, v [B, K, S, D]: the query heads of a KV head are
+    stacked as rows (no copy of K/V per query head); softmax in fp32 as the reference."""
+    B, H, T, D = q.shape
+    K = k.shape[1]
+    q = q.reshape(B, K, H // K * T, D)
+    scores = (q @ k.transpose(-1, -2)).view(B, K, H // K, T, -1)
+    scores = scores.masked_fill(~mask[:, :, None], float("-inf"))  # mask [B, 1, T, S]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+    probs = probs.to(v.dtype).view(B, K, H // K * T, -1)
+    return (probs @ v).view(B, H, T, D)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig, spec: LayerSpec):
         super().__init__()
         self.spec = spec
         self.num_heads, self.head_dim = cfg.num_heads, spec.head_dim
         E, D, K = cfg.hidden_size, spec.head_dim, spec.num_kv_heads
-        self.q_proj = nn.Linear(E, cfg.num_heads * D, bias=False)
+        self.q_proj = Linear(E, cfg.num_heads * D)
         self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
         if not spec.kv_shared:  # KV-shared layers have no K/V weights at all
-            self.k_proj = nn.Linear(E, K * D, bias=False)
+            self.k_proj = Linear(E, K * D)
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
             self.v_norm = RMSNorm(D, cfg.rms_norm_eps, with_scale=False)
-            self.v_proj = None if spec.k_eq_v else nn.Linear(E, K * D, bias=False)
-        self.o_proj = nn.Linear(cfg.num_heads * D, E, bias=False)
+            self.v_proj = None if spec.k_eq_v else Linear(E, K * D)
+        self.o_proj = Linear(cfg.num_heads * D, E)
 
     def new_kv(self, x: torch.Tensor, cos, sin, keep_k: bool = True):
         """K [B, T, K, D] (normed, rotated) and V [B, T, K, D] (normed without scale) of the new tokens.
@@ -84,19 +116,22 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, k, v, mask):
         """x [B, T, E]; k, v [B, K, S, D]; mask [B, 1, T, S] (True = attend)."""
         B, T, _ = x.shape
-        q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim)), cos, sin)
+        q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim)), cos, sin).transpose(1, 2)
         # Gemma 4 attention has no 1/sqrt(D) scale: q_norm / k_norm already fix the logit scale.
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=1.0,
-                                             enable_gqa=k.shape[1] != self.num_heads)
+        if T <= 4:  # decode: CPU's flash-attention kernel costs ~1.5 ms a call whatever the size
+            out = small_query_attention(q, k, v, mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,
+                                                 enable_gqa=k.shape[1] != self.num_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate)
+        self.up_proj = Linear(hidden, intermediate)
+        self.down_proj = Linear(intermediate, hidden)
 
     def forward(self, x):
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
@@ -122,12 +157,18 @@ class Router(nn.Module):
         return weights * self.per_expert_scale[ids], ids
 
 
+def expert_matmul(x: torch.Tensor, bank, e: int) -> torch.Tensor:
+    """x @ W[e].T for a bank of expert weights: a float tensor [n, out, in], or a quantized bank module."""
+    return bank.matmul(x, e) if isinstance(bank, nn.Module) else matmul(x, bank[e])
+
+
 class Experts(nn.Module):
     """Packed expert weights: gate_up_proj [n, 2I, E], down_proj [n, E, I]; only chosen experts run."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
         n, E, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.num_experts = n
         self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * I, E))
         self.down_proj = nn.Parameter(torch.empty(n, E, I))
 
@@ -135,7 +176,7 @@ class Experts(nn.Module):
         out = torch.zeros_like(x)
         flat = ids.flatten()
         order = flat.argsort()
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         token = order // ids.shape[1]
         start = 0
         for e, n in enumerate(counts):
@@ -144,8 +185,8 @@ class Experts(nn.Module):
             sel = order[start:start + n]
             tok = token[start:start + n]
             start += n
-            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])
+            gate, up = expert_matmul(x[tok], self.gate_up_proj, e).chunk(2, dim=-1)
+            y = expert_matmul(F.gelu(gate, approximate="tanh") * up, self.down_proj, e)
             out.index_add_(0, tok, (y * weights.flatten()[sel, None]).to(out.dtype))
         return out
 
@@ -163,8 +204,8 @@ class DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(E, eps)
         self.register_buffer("layer_scalar", torch.ones(1))
         if cfg.ple_dim:
-            self.per_layer_input_gate = nn.Linear(E, cfg.ple_dim, bias=False)
-            self.per_layer_projection = nn.Linear(cfg.ple_dim, E, bias=False)
+            self.per_layer_input_gate = Linear(E, cfg.ple_dim)
+            self.per_layer_projection = Linear(cfg.ple_dim, E)
             self.post_per_layer_input_norm = RMSNorm(E, eps)
         if spec.moe:
             self.router = Router(cfg)
@@ -210,13 +251,13 @@ class TextModel(nn.Module):
         if cfg.ple_dim:
             L, P = cfg.num_layers, cfg.ple_dim
             self.embed_tokens_per_layer = nn.Embedding(cfg.ple_vocab_size, L * P)
-            self.per_layer_model_projection = nn.Linear(E, L * P, bias=False)
+            self.per_layer_model_projection = Linear(E, L * P)
             self.per_layer_projection_norm = RMSNorm(P, cfg.rms_norm_eps)
         self.layers = nn.ModuleList(DecoderLayer(cfg, s) for s in cfg.layers)
         self.donors = frozenset(s.kv_source for s in cfg.layers if s.kv_shared)
         self.norm = RMSNorm(E, cfg.rms_norm_eps)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(E, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(E, cfg.vocab_size)
         self.init_buffers()
 
     def init_buffers(self, device=None):
@@ -229,14 +270,17 @@ class TextModel(nn.Module):
                 self.register_buffer(f"inv_freq_{kind}", inv.to(device or "cpu"), persistent=False)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        w = self.embed_tokens.weight
+        table = self.embed_tokens  # nn.Embedding, or a quantized table (gemma4.quant) that has `lookup`
+        rows = table.lookup(input_ids) if hasattr(table, "lookup") else F.embedding(input_ids, table.weight)
         # The scale is rounded to the weight dtype first, as the reference does (sqrt(1536) -> 39.25 in bf16).
-        return F.embedding(input_ids, w) * torch.tensor(self.cfg.hidden_size ** 0.5, dtype=w.dtype)
+        return rows * torch.tensor(self.cfg.hidden_size ** 0.5, dtype=rows.dtype)
 
     def per_layer_inputs(self, ple_ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         """[B, T, L, P]: (token's own PLE row x sqrt(P) + projection of the main embedding) / sqrt(2)."""
         cfg, w = self.cfg, self.embed_tokens_per_layer.weight
-        own = F.embedding(ple_ids, w) * torch.tensor(cfg.ple_dim ** 0.5, dtype=w.dtype)
+        # The table stays in its stored dtype (memory-mapped): convert just the rows looked up.
+        own = F.embedding(ple_ids.to(w.device), w).to(embeds.device, embeds.dtype)
+        own = own * torch.tensor(cfg.ple_dim ** 0.5, dtype=embeds.dtype)  # scale rounded as the reference does
         proj = self.per_layer_model_projection(embeds) * cfg.hidden_size ** -0.5
         proj = self.per_layer_projection_norm(proj.view(*embeds.shape[:-1], cfg.num_layers, cfg.ple_dim))
         return (proj + own.view_as(proj)) * 2.0 ** -0.5
@@ -298,8 +342,12 @@ class TextModel(nn.Module):
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        w = self.lm_head.weight if hasattr(self, "lm_head") else self.embed_tokens.weight
-        logits = F.linear(hidden, w)
+        if hasattr(self, "lm_head"):
+            logits = self.lm_head(hidden)
+        elif hasattr(self.embed_tokens, "project"):  # quantized tied table
+            logits = self.embed_tokens.project(hidden)
+        else:
+            logits = matmul(hidden, self.embed_tokens.weight)
         cap = self.cfg.final_logit_softcap
         return torch.tanh(logits / cap) * cap if cap else logits
 
