@@ -166,3 +166,26 @@ def test_ctrl_c_is_quiet(capsys, monkeypatch):
     monkeypatch.setattr("gemma4.cli.LLM", interrupted)
     code, out, err = run(capsys, "generate", "hi")
     assert code == 130 and "Traceback" not in err
+
+
+def test_quantize_then_generate(ckpt, tmp_path, capsys):
+    path, _ = ckpt("e2b", tame=True)
+    out = str(tmp_path / "int4")
+    assert main(["quantize", "--model", path, "--to", "int4", "--out", out]) == 0
+    assert "wrote int4 checkpoint" in capsys.readouterr().out
+    assert main(["info", "--model", out, "--json"]) == 0
+    capsys.readouterr()
+    # "<|turn>\n" tokenizes to ids below the tiny model's 512-token vocabulary
+    assert main(["generate", "--model", out, "--max-new-tokens", "3", "<|turn>\n"]) == 0
+    assert main(["generate", "--model", path, "--quantize", "int8", "--max-new-tokens", "3", "<|turn>\n"]) == 0
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["quantize", "--model", "/nonexistent", "--to", "int4", "--out", "/tmp/x"], "no checkpoint directory"),
+    (["quantize", "--model", "x", "--to", "int3", "--out", "/tmp/x"], "invalid choice: 'int3'"),
+    (["generate", "--quantize", "fp4", "hi"], "invalid choice: 'fp4'"),
+])
+def test_quantize_bad_input(capsys, argv, words):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err

@@ -133,11 +133,20 @@ def cmd_generate(args) -> int:
     if args.dtype:
         resolve_dtype(args.dtype, None)
     resolve_device(args.device)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     ids = llm.tokenizer.encode(args.prompt, add_bos=True)
     for ev in llm.generate_stream([ids], **sampling):
         print(ev.text, end="", flush=True)
     print()
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    if os.path.exists(args.out) and os.listdir(args.out):
+        raise ValueError(f"--out {args.out} exists and is not empty")
+    llm = LLM(args.model, dtype=args.dtype, device="cpu", quantize=args.to, group_size=args.group_size)
+    llm.save_quantized(args.out)
+    print(f"wrote {args.to} checkpoint to {args.out}")
     return 0
 
 
@@ -165,7 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--dtype", help="bfloat16, float16 or float32 (default: the checkpoint's)")
     p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization at load")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("quantize", help="write an int8 / int4 copy of a checkpoint (loads without re-quantizing)")
+    p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face hub id")
+    p.add_argument("--to", choices=["int8", "int4"], required=True)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--group-size", type=int, default=32, help="weights per scale (a multiple of 32)")
+    p.add_argument("--dtype", help="dtype of the float weights kept (norms...; default: the checkpoint's)")
+    p.set_defaults(func=cmd_quantize)
     return parser
 
 

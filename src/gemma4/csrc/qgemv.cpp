@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <cstdlib>
 #include <vector>
 
 namespace {
@@ -165,6 +166,7 @@ void dot_q4(const Rows& R, const Acts& a, int64_t m0, float* out /* [NR][MR] */)
     for (int r = 0; r < MR; ++r) acc[i][r] = _mm256_setzero_ps();
   for (int64_t p = 0; p < np; ++p) {
     for (int i = 0; i < NR; ++i) {
+      if (dbg_pf && (p & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(R.w + i * R.w_stride + p * 32 + dbg_pf), _MM_HINT_T0);
       const __m256i wb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(R.w + i * R.w_stride + p * 32));
       const __m256i wlo = _mm256_and_si256(wb, low);
       const __m256i whi = _mm256_and_si256(_mm256_srli_epi16(wb, 4), low);
@@ -237,7 +239,9 @@ constexpr DotFn pick(int nr, int mr) {
 template <int NR, int MR> struct Q4 { static constexpr DotFn f = dot_q4<NR, MR>; };
 template <int NR, int MR> struct Q8 { static constexpr DotFn f = dot_q8<NR, MR>; };
 
-inline int rows_for(int64_t mr) { return mr <= 2 ? 4 : mr <= 4 ? 2 : 1; }
+static int dbg_nr = getenv("QG_NR") ? atoi(getenv("QG_NR")) : 4;
+static int dbg_pf = getenv("QG_PF") ? atoi(getenv("QG_PF")) : 0;
+inline int rows_for(int64_t mr) { return mr <= 2 ? dbg_nr : mr <= 4 ? 2 : 1; }
 
 constexpr int G = 4;  // weight rows prepared together (the largest NR)
 

@@ -1,0 +1,240 @@
+"""Generation speed and memory: gemma4 vs the reference (transformers), same checkpoint, same prompt, one run.
+
+    python benchmarks/bench_generate.py                      # full-size random E2B (text), made if missing
+    python benchmarks/bench_generate.py --checkpoint DIR --prompt-len 512 --long-prompt 2048 --steps 32
+
+Each engine runs in its own process (clean peak RSS), one after the other. Prints a table: load time,
+prefill tok/s, decode tok/s (median step), peak RSS, K/V cache bytes; the decode bandwidth limit of each
+weight format (bytes a decode step reads / the read speed of the engine's own matrix-vector kernels over
+those weights) and our fraction of it; our prefill GFLOP/s next to the machine's fp32 matmul peak.
+Needs transformers (the reference) and, to make the checkpoint, about 10 GB of disk.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+E2B_CONFIG = os.path.join(HERE, "..", "tests", "data", "configs", "gemma-4-e2b", "config.json")
+
+
+def prompt_ids(n: int) -> list[int]:
+    return torch.randint(3, 262144, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB
+
+
+def make_checkpoint(out: str) -> None:
+    """Full-size random E2B text model (Gemma4ForCausalLM, bf16), written by the reference."""
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    with open(E2B_CONFIG) as f:
+        text = json.load(f)["text_config"]
+    print(f"writing a random full-size E2B text checkpoint to {out} (a few minutes)...", file=sys.stderr)
+    model = Gemma4ForCausalLM._from_config(Gemma4TextConfig(**text), dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    with open(os.path.join(out, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": [1, 106, 50], "bos_token_id": 2, "pad_token_id": 0}, f)
+
+
+# ---------------------------------------------------------------- workers (one process each)
+
+def worker_reference(args) -> dict:
+    from transformers import Gemma4ForCausalLM
+
+    t = time.perf_counter()
+    model = Gemma4ForCausalLM.from_pretrained(args.checkpoint, dtype=torch.bfloat16).eval()
+    load = time.perf_counter() - t
+    ids = torch.tensor([prompt_ids(args.prompt_len)])
+    steps = []
+    with torch.no_grad():
+        t = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        prefill = time.perf_counter() - t
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            out = model(input_ids=token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            steps.append(time.perf_counter() - t)
+    kv = sum(t.nbytes for layer in past.layers for t in (layer.keys, layer.values) if t is not None)
+    return dict(engine="transformers bf16", load_s=load, prefill_tok_s=args.prompt_len / prefill,
+                decode_tok_s=1 / statistics.median(steps), rss_gb=peak_rss_gb(), kv_bytes=kv)
+
+
+def decode_reads(model) -> list[tuple[int, object, int]]:
+    """(bytes, product, input width) for every weight one decode step reads: each projection, and the tied
+    embedding table as the LM head (MoE experts: only top-k run; the PLE table: one row)."""
+    import torch.nn.functional as F
+
+    from gemma4.quant import QuantizedLinear
+
+    text, reads = model.language_model, []
+    for m in text.modules():
+        if isinstance(m, QuantizedLinear):  # the quantized tied table is one too
+            reads.append((m.qweight.nbytes + m.scales.nbytes, m, m.scales.shape[1] * m.group_size))
+        elif isinstance(m, torch.nn.Linear):
+            reads.append((m.weight.nbytes, m, m.in_features))
+    if isinstance(text.embed_tokens, torch.nn.Embedding):
+        w = text.embed_tokens.weight
+        reads.append((w.nbytes, lambda x: F.linear(x, w), w.shape[1]))
+    return reads
+
+
+def read_speed(model) -> tuple[int, float]:
+    """(bytes, seconds) of one pass of the engine's own one-row products over the decode weights: the
+    bandwidth "a reader as good as the engine's" gets on this machine."""
+    reads = decode_reads(model)
+    xs = {n: torch.randn(1, n, dtype=model.dtype) for _, _, n in reads}
+
+    def one_pass():
+        for _, product, n in reads:
+            product(xs[n])
+
+    one_pass()
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        one_pass()
+        times.append(time.perf_counter() - t)
+    return sum(b for b, _, _ in reads), min(times)
+
+
+def prefill_flops_per_token(cfg, prompt_len: int) -> float:
+    """Matmul FLOPs per prompt token (KV-shared layers run on the last token only: not counted)."""
+    E, H = cfg.hidden_size, cfg.num_heads
+    flops = 2 * E * cfg.num_layers * cfg.ple_dim  # PLE model projection
+    for s in cfg.layers:
+        if s.kv_shared:
+            continue
+        kv = s.num_kv_heads * s.head_dim * (1 if s.k_eq_v else 2)
+        params = E * H * s.head_dim * 2 + E * kv + 3 * E * s.intermediate_size + 2 * E * cfg.ple_dim
+        keys = min(prompt_len, cfg.sliding_window) if s.sliding else prompt_len
+        flops += 2 * params + 2 * 2 * H * s.head_dim * keys / (1 if s.sliding else 2)  # causal: half
+    return flops
+
+
+def fp32_peak_gflops() -> float:
+    a, b = torch.randn(2048, 1536), torch.randn(6144, 1536)
+    torch.nn.functional.linear(a, b)
+    best = 0.0
+    for _ in range(3):
+        t = time.perf_counter()
+        torch.nn.functional.linear(a, b)
+        best = max(best, 2 * 2048 * 1536 * 6144 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def worker_ours(args) -> dict:
+    import gemma4
+    from gemma4.engine import runner
+    from gemma4.engine.sample import SamplingParams
+
+    t = time.perf_counter()
+    model = gemma4.load(args.checkpoint, dtype="bfloat16", device="cpu")
+    load = time.perf_counter() - t
+    result = dict(engine="gemma4 " + (f"int{model.quantization['bits']}" if model.quantization else "bf16"),
+                  load_s=load)
+    for n, key in ((args.prompt_len, ""), (args.long_prompt, "_long")):
+        if not n:
+            continue
+        times, t = [], time.perf_counter()
+        params = SamplingParams(max_new_tokens=1 + (args.steps if not key else 0))
+        for _ in runner.generate(model, [prompt_ids(n)], [params], [set()], prefill_chunk=args.chunk):
+            now = time.perf_counter()
+            times.append(now - t)
+            t = now
+        result[f"prefill_tok_s{key}"] = n / times[0]
+        result[f"prefill_gflops{key}"] = n * prefill_flops_per_token(model.config.text, n) / times[0] / 1e9
+        if not key:
+            result["decode_tok_s"] = 1 / statistics.median(times[1:])
+    from gemma4.engine.kv import KVCache
+
+    result["kv_bytes"] = KVCache(model.config.text, 1, args.prompt_len + args.steps, model.dtype, "meta").nbytes
+    result["rss_gb"] = peak_rss_gb()
+    nbytes, seconds = read_speed(model)
+    result.update(decode_bytes=nbytes, read_gb_s=nbytes / seconds / 1e9, limit_tok_s=1 / seconds)
+    result["fp32_peak_gflops"] = fp32_peak_gflops()
+    return result
+
+
+# ---------------------------------------------------------------- driver
+
+def run_worker(kind: str, args, checkpoint: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--checkpoint", checkpoint, "--prompt-len",
+           str(args.prompt_len), "--long-prompt", str(args.long_prompt if kind == "ours" else 0),
+           "--steps", str(args.steps), "--chunk", str(args.chunk)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    if out.returncode:
+        raise SystemExit(f"{kind} worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def quantized_copy(checkpoint: str, bits: str) -> str:
+    out = checkpoint.rstrip("/") + f"-{bits}"
+    if not os.path.isfile(os.path.join(out, "config.json")):
+        import gemma4
+
+        print(f"quantizing {checkpoint} to {bits} -> {out}", file=sys.stderr)
+        gemma4.LLM(checkpoint, dtype="bfloat16", device="cpu", quantize=bits).save_quantized(out)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=os.path.join(HERE, "..", "ckpt", "e2b-text"))
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--long-prompt", type=int, default=2048, help="ours only: the prefill target's prompt")
+    ap.add_argument("--steps", type=int, default=32, help="decode steps (median reported)")
+    ap.add_argument("--chunk", type=int, default=1024, help="our prefill chunk")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quantize", default="int8,int4", help="also run ours on these weight formats")
+    ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        print(json.dumps((worker_ours if args.worker == "ours" else worker_reference)(args)))
+        return
+    if not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
+        make_checkpoint(args.checkpoint)
+    rows = [run_worker("ours", args, args.checkpoint)]
+    for bits in filter(None, args.quantize.split(",")):
+        rows.append(run_worker("ours", args, quantized_copy(args.checkpoint, bits)))
+    if not args.skip_reference:
+        rows.append(run_worker("reference", args, args.checkpoint))
+
+    print(f"\nE2B text, random weights, {args.threads} threads, prompt {args.prompt_len} tokens, "
+          f"{args.steps} decode steps (median)\n")
+    head = ("engine", "load s", f"prefill tok/s ({args.prompt_len})", f"prefill tok/s ({args.long_prompt})",
+            "decode tok/s", "peak RSS GB", "KV MB")
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for r in rows:
+        cells = (r["engine"], f"{r['load_s']:.1f}", f"{r['prefill_tok_s']:.1f}",
+                 f"{r['prefill_tok_s_long']:.1f}" if "prefill_tok_s_long" in r else "-",
+                 f"{r['decode_tok_s']:.2f}", f"{r['rss_gb']:.2f}", f"{r['kv_bytes'] / 1e6:.1f}")
+        print("| " + " | ".join(cells) + " |")
+    print("\n| weights | bytes read per decode step | kernel read speed | decode limit tok/s | ours | fraction |"
+          "\n|---|---|---|---|---|---|")
+    for r in rows:
+        if "decode_bytes" in r:
+            print(f"| {r['engine']} | {r['decode_bytes'] / 1e9:.2f} GB | {r['read_gb_s']:.1f} GB/s | "
+                  f"{r['limit_tok_s']:.2f} | {r['decode_tok_s']:.2f} | {r['decode_tok_s'] / r['limit_tok_s']:.0%} |")
+    ours = rows[0]
+    print(f"\nprefill ({args.long_prompt} tokens): {ours.get('prefill_gflops_long', 0):.0f} GFLOP/s of matmul, "
+          f"machine fp32 matmul peak {ours['fp32_peak_gflops']:.0f} GFLOP/s "
+          f"({ours.get('prefill_gflops_long', 0) / ours['fp32_peak_gflops']:.0%})")
+
+
+if __name__ == "__main__":
+    main()
