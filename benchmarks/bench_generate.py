@@ -143,14 +143,22 @@ def worker_ours(args) -> dict:
     t = time.perf_counter()
     model = gemma4.load(args.checkpoint, dtype="bfloat16", device="cpu")
     load = time.perf_counter() - t
-    result = dict(engine="gemma4 " + (f"int{model.quantization['bits']}" if model.quantization else "bf16"),
-                  load_s=load)
+    result = dict(engine="gemma4 " + (f"int{model.quantization['bits']}" if model.quantization else "bf16")
+                  + (" compiled" if args.compile else ""), load_s=load)
     for n, key in ((args.prompt_len, ""), (args.long_prompt, "_long")):
         if not n:
             continue
         times, t = [], time.perf_counter()
         params = SamplingParams(max_new_tokens=1 + (args.steps if not key else 0))
-        for _ in runner.generate(model, [prompt_ids(n)], [params], [set()], prefill_chunk=args.chunk):
+        if not key and args.compile:  # compile (minutes) outside the timed run
+            t0 = time.perf_counter()
+            for _ in runner.generate(model, [prompt_ids(8)], [SamplingParams(max_new_tokens=3)], [set()],
+                                     compile=True, max_len=args.prompt_len + args.steps + 1):
+                pass
+            result["compile_s"] = time.perf_counter() - t0
+            t = time.perf_counter()
+        for _ in runner.generate(model, [prompt_ids(n)], [params], [set()], prefill_chunk=args.chunk,
+                                 compile=args.compile and not key, max_len=n + params.max_new_tokens):
             now = time.perf_counter()
             times.append(now - t)
             t = now
@@ -170,10 +178,10 @@ def worker_ours(args) -> dict:
 
 # ---------------------------------------------------------------- driver
 
-def run_worker(kind: str, args, checkpoint: str) -> dict:
+def run_worker(kind: str, args, checkpoint: str, compile: bool = False, long_prompt: int = 0) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--checkpoint", checkpoint, "--prompt-len",
-           str(args.prompt_len), "--long-prompt", str(args.long_prompt if kind == "ours" else 0),
-           "--steps", str(args.steps), "--chunk", str(args.chunk)]
+           str(args.prompt_len), "--long-prompt", str(long_prompt), "--steps", str(args.steps),
+           "--chunk", str(args.chunk)] + (["--compile"] if compile else [])
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     if out.returncode:
         raise SystemExit(f"{kind} worker failed:\n{out.stderr[-3000:]}")
@@ -200,6 +208,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quantize", default="int8,int4", help="also run ours on these weight formats")
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="eager decode only (compiling takes minutes)")
+    ap.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -208,9 +218,11 @@ def main():
         return
     if not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
         make_checkpoint(args.checkpoint)
-    rows = [run_worker("ours", args, args.checkpoint)]
+    rows = [run_worker("ours", args, args.checkpoint, long_prompt=args.long_prompt)]
+    if not args.no_compile:
+        rows.append(run_worker("ours", args, args.checkpoint, compile=True))
     for bits in filter(None, args.quantize.split(",")):
-        rows.append(run_worker("ours", args, quantized_copy(args.checkpoint, bits)))
+        rows.append(run_worker("ours", args, quantized_copy(args.checkpoint, bits), compile=not args.no_compile))
     if not args.skip_reference:
         rows.append(run_worker("reference", args, args.checkpoint))
 
@@ -230,6 +242,9 @@ def main():
         if "decode_bytes" in r:
             print(f"| {r['engine']} | {r['decode_bytes'] / 1e9:.2f} GB | {r['read_gb_s']:.1f} GB/s | "
                   f"{r['limit_tok_s']:.2f} | {r['decode_tok_s']:.2f} | {r['decode_tok_s'] / r['limit_tok_s']:.0%} |")
+    for r in rows:
+        if "compile_s" in r:
+            print(f"{r['engine']}: torch.compile of the decode step took {r['compile_s']:.0f} s (once per process)")
     ours = rows[0]
     print(f"\nprefill ({args.long_prompt} tokens): {ours.get('prefill_gflops_long', 0):.0f} GFLOP/s of matmul, "
           f"machine fp32 matmul peak {ours['fp32_peak_gflops']:.0f} GFLOP/s "

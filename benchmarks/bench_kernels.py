@@ -18,7 +18,7 @@ SHAPES = [(6144, 1536), (1536, 6144), (12288, 1536), (1536, 12288), (2048, 1536)
 MIN_BYTES = 200e6
 
 
-def timed(fn, args_list, min_time=0.3, min_rounds=5):
+def timed(fn, args_list, min_time=0.5, min_rounds=8):
     """Seconds per call: the best round, each round one call per argument tuple (a distinct weight set).
 
     The best round rather than the mean, because other processes on a small shared machine preempt one
@@ -65,11 +65,15 @@ def make(method, N, K, gs):
 
 
 def read_bandwidth():
-    """GB/s of an fp32 GEMV over ~260 MB of weights: what the memory system delivers to a matrix-vector."""
+    """GB/s of an fp32 GEMV over ~260 MB of weights (the reference for our kernels), and of a plain
+    tensor.sum() over 256 MB (a simpler stream, usually faster: an upper reference)."""
     N, K = 6144, 1536
     ws = [torch.randn(N, K) for _ in range(copies(N * K * 4))]
     x = torch.randn(1, K)
-    return N * K * 4 / timed(F.linear, [(x, w) for w in ws]) / 1e9
+    gemv = N * K * 4 / timed(F.linear, [(x, w) for w in ws]) / 1e9
+    del ws
+    big = torch.ones(64 << 20)
+    return gemv, big.numel() * 4 / timed(torch.sum, [(big,)]) / 1e9
 
 
 def main():
@@ -85,11 +89,12 @@ def main():
     torch.manual_seed(0)
     print(f"threads={torch.get_num_threads()}  kernel_available={kernels.kernel_available()}  "
           f"group_size={args.group_size}")
-    bw = read_bandwidth()
-    print(f"read bandwidth (fp32 GEMV, > 200 MB of weights): {bw:.1f} GB/s\n")
+    bw, bw_sum = read_bandwidth()
+    print(f"read bandwidth: fp32 GEMV over > 200 MB of weights {bw:.1f} GB/s  (tensor.sum over 256 MB {bw_sum:.1f} GB/s)\n")
     shapes = SHAPES[:-1] if args.quick else SHAPES
     print(f"{'shape [N, K]':>16} {'M':>3} | " + " | ".join(f"{m:>21}" for m in args.methods))
     print("-" * (23 + 24 * len(args.methods)))
+    ours = {}  # method -> GB/s at M=1, per shape
     for N, K in shapes:
         results = {r: [] for r in args.rows}
         for method in args.methods:
@@ -99,10 +104,15 @@ def main():
                 x = torch.randn(r, K, dtype=torch.bfloat16)
                 t = timed(fn, [(x, *w) for w in ws])
                 results[r].append(f"{nbytes / t / 1e9:6.1f} GB/s {t * 1e3:7.3f} ms")
+                if r == 1 and "ours" in method:
+                    ours.setdefault(method, []).append(nbytes / t / 1e9)
             del ws
         for r in args.rows:
             print(f"{str([N, K]):>16} {r:>3} | " + " | ".join(f"{c:>21}" for c in results[r]))
-    print(f"\nGB/s = (packed weight + scale bytes) / time; ours at M=1 vs read bandwidth {bw:.1f} GB/s")
+    print("\nGB/s = bytes of weights + scales per call / time per call (best of >= 8 rounds).")
+    for method, v in ours.items():
+        print(f"{method} at M=1: {min(v) / bw:.0%} .. {max(v) / bw:.0%} of the fp32-GEMV read bandwidth "
+              f"({min(v) / bw_sum:.0%} .. {max(v) / bw_sum:.0%} of tensor.sum's)")
 
 
 if __name__ == "__main__":

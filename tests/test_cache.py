@@ -90,3 +90,18 @@ def test_cache_holds_only_what_is_needed(ckpt, shape, expected):
     for ctx in (5, 8, 100):
         assert KVCache(cfg, 1, ctx, torch.float32).nbytes == expected(ctx)
         assert kv_bytes_per_token(cfg, ctx, 4) == expected(ctx) // ctx
+
+
+def test_compiled_decode_matches_eager(ckpt):
+    """torch.compile'd decode steps (static shapes: whole buffers, masked) give the eager tokens, with a
+    finished row kept in the batch."""
+    path, _ = ckpt("e2b")
+    eager = gemma4.LLM(path, dtype="float64", device="cpu")
+    compiled = gemma4.LLM(path, dtype="float64", device="cpu", compile=True)
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [9, 10]]
+    kw = dict(max_new_tokens=12, stop_token_ids=[])
+    want = eager.generate(prompts, **kw)
+    stop = want[1].token_ids[2]  # ends the second prompt early, the first runs on
+    got = compiled.generate(prompts, **dict(kw, stop_token_ids=[stop]))
+    want = eager.generate(prompts, **dict(kw, stop_token_ids=[stop]))
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]

@@ -13,14 +13,18 @@ Why our own kernel: on the 2-core AVX2 CPUs we target, PyTorch's packed int8/int
 csrc/qgemv.cpp (llama.cpp's Q4_0 x Q8_0 scheme) is compiled on first use; without a compiler or AVX2 we fall
 back to dequantize + F.linear, which is exact but slower.
 """
+import logging
 import os
 import platform
+import re
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-MAX_KERNEL_ROWS = 16  # up to here the product is weight-bandwidth bound (decode); beyond, compute bound (prefill)
+MAX_KERNEL_ROWS = 16  # decode-sized products (1 token, or a few drafted ones) go to the kernel; prefill to a GEMM
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DEQUANT_SLICE = 1 << 19  # bytes of packed weight dequantized at a time for prefill (-> 4 MB fp32 from int4)
 
 _build = None  # None: not tried yet; True: op registered; str: why it is unavailable
 
@@ -32,49 +36,88 @@ def _check_format(bits, group_size):
         raise ValueError(f"group_size must be a positive multiple of 32 (the kernel's block), got {group_size!r}")
 
 
+def _check_weight(qweight, scales, bits, group_size):
+    """-> (N, K) of the weight that (qweight, scales) encode."""
+    _check_format(bits, group_size)
+    want = torch.uint8 if bits == 4 else torch.int8
+    if qweight.dtype != want or qweight.dim() != 2:
+        raise ValueError(f"qweight for bits={bits} must be a 2-D {want} tensor, got {qweight.dim()}-D {qweight.dtype}")
+    N, K = qweight.shape[0], qweight.shape[1] * (2 if bits == 4 else 1)
+    if K % group_size or scales.dtype != torch.float16 or scales.shape != (N, K // group_size):
+        raise ValueError(f"scales must be float16 [N, K // group_size] = [{N}, {K / group_size:g}] for a weight "
+                         f"[{N}, {K}] with group_size={group_size}, got {scales.dtype} {list(scales.shape)}")
+    return N, K
+
+
 def quantize(w, bits, group_size=32):
     """w [N, K] float -> (qweight, scales); see the module docstring for the format."""
     _check_format(bits, group_size)
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
-        raise ValueError(f"quantize expects a 2-D floating point weight [N, K], got "
-                         f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
+        raise ValueError("quantize expects a 2-D floating point weight [N, K], got "
+                         + (f"{w.dim()}-D {w.dtype}" if isinstance(w, torch.Tensor) else type(w).__name__))
     N, K = w.shape
     if K % group_size:
         raise ValueError(f"K={K} (the input dim) is not a multiple of group_size={group_size}")
-    g = w.detach().float().reshape(N, K // group_size, group_size)
-    amax = g.abs().amax(-1, keepdim=True)
-    if bits == 8:
-        d = amax / 127
-    else:
-        # Q4_0's choice: the largest-magnitude weight maps exactly to -8, which uses the asymmetric int4 range
-        # fully (absmax / 7 wastes the -8 level): relative RMS error 0.116 vs 0.126 on Gaussian weights, group 32.
-        d = torch.gather(g, -1, g.abs().argmax(-1, keepdim=True)) / -8
-    d = d.half().float()  # quantize against the scale actually stored
-    lo, hi = (-127, 127) if bits == 8 else (-8, 7)
-    q = torch.where(d == 0, 0.0, g / d).round_().clamp_(lo, hi).to(torch.int8).reshape(N, K)
-    scales = d.reshape(N, K // group_size).half()
+    q = torch.empty(N, K, dtype=torch.int8)
+    scales = torch.empty(N, K // group_size, dtype=torch.float16)
+    rows = max(1, (1 << 22) // max(K, 1))  # chunks bound the fp32 temporaries (an embedding has 400M weights)
+    for i in range(0, N, rows):
+        q[i:i + rows], scales[i:i + rows] = _quantize_groups(w[i:i + rows].detach(), bits, group_size)
     if bits == 8:
         return q, scales
-    u = (q + 8).to(torch.uint8).reshape(N, K // 32, 2, 16)
-    return (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(N, K // 2).contiguous(), scales
+    u = (q + 8).view(torch.uint8).reshape(N, K // 32, 2, 16)
+    return (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(N, K // 2), scales
+
+
+def _quantize_groups(w, bits, group_size):
+    """w [n, K] -> (q int8 [n, K], scales fp16 [n, K // group_size])."""
+    g = w.float().reshape(w.shape[0], -1, group_size)
+    if bits == 8:  # absmax / 127: the rounding error (~0.5% relative) is far below int4's
+        d = (g.abs().amax(-1) / 127).half()
+        q = _round(g, d, -127, 127)
+    else:
+        # Start from Q4_0's scale (the largest-magnitude weight maps to -8, using the asymmetric range fully;
+        # absmax/7 wastes the -8 level) and from a 10% smaller one (less rounding error, that weight clipped);
+        # refit each by least squares to its rounded q; keep the better per group.  Relative RMS error on
+        # Gaussian weights, group 32: absmax/7 0.097, Q4_0 0.086, this 0.083 (group 128: 0.117, 0.103, 0.098).
+        lo, hi = torch.aminmax(g, dim=-1)
+        peak = torch.where(hi >= -lo, hi, lo)  # the signed largest-magnitude weight
+        for shrink in (1.0, 1.1):
+            qs = _round(g, (peak / (-8 * shrink)).half(), -8, 7)
+            qg, qq = (qs * g).sum(-1), (qs * qs).sum(-1)
+            ds = (qg / qq.clamp_min(1)).half()
+            err = ds.float() * (ds.float() * qq - 2 * qg)  # |q*d - g|^2 - |g|^2
+            if shrink == 1.0:
+                q, d, best = qs, ds, err
+            else:
+                better = err < best
+                q, d = torch.where(better.unsqueeze(-1), qs, q), torch.where(better, ds, d)
+    return q.to(torch.int8).reshape(w.shape), d
+
+
+def _round(g, d, lo, hi):
+    """Groups g [n, G, group] / scales d [n, G] (fp16, as stored) -> rounded q, as float."""
+    inv = torch.where(d == 0, 0.0, 1.0 / d.float()).unsqueeze(-1)
+    return (g * inv).round_().clamp_(lo, hi)
 
 
 def dequantize(qweight, scales, bits, group_size, dtype=torch.float32):
     """(qweight, scales) -> W [N, K] in `dtype`."""
-    _check_format(bits, group_size)
-    N = qweight.shape[0]
+    N, K = _check_weight(qweight, scales, bits, group_size)
+    if qweight.device.type == "cpu" and kernel_available():  # ~10x faster than the PyTorch ops below
+        w = torch.ops.gemma4_kernels.dequant(qweight.contiguous(), scales.contiguous(), bits, group_size)
+        return w.to(dtype)
     if bits == 8:
         q = qweight.float()
     else:
-        b = qweight.reshape(N, -1, 16)
+        b = qweight.reshape(N, K // 32, 16)
         q = torch.cat([b & 0x0F, b >> 4], dim=-1).float().sub_(8)
-    K = q.numel() // N if N else qweight.shape[1] * (2 if bits == 4 else 1)
     w = q.reshape(N, K // group_size, group_size) * scales.float().unsqueeze(-1)
     return w.reshape(N, K).to(dtype)
 
 
 def kernel_available():
-    """True when the C++ kernel is built and enabled (GEMMA4_NO_KERNELS=1 disables it)."""
+    """True when the C++ kernel is enabled (GEMMA4_NO_KERNELS=1 disables it) and built (on the first call)."""
     if os.environ.get("GEMMA4_NO_KERNELS", "") not in ("", "0"):
         return False
     global _build
@@ -92,36 +135,58 @@ def _load():
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return f"needs AVX2, this CPU reports {torch.backends.cpu.get_cpu_capability()}"
     from torch.utils import cpp_extension
-    flags = ["/O2", "/arch:AVX2"] if os.name == "nt" else ["-O3", "-mavx2", "-mfma", "-mf16c"]
+    # OpenMP: at::parallel_for is a header template that runs serially unless the extension itself is built
+    # with OpenMP (it then shares torch's libgomp and its torch.set_num_threads setting).
+    flags = ["/O2", "/arch:AVX2", "/openmp"] if os.name == "nt" else ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)  # quiet: a failure is summed up in our one warning
     try:
         # A plain library registering torch.ops.gemma4_kernels.qgemv: no pybind module, faster to compile.
         # torch caches the build in ~/.cache/torch_extensions and rebuilds only when the source changes.
         cpp_extension.load("gemma4_qgemv", [os.path.join(os.path.dirname(__file__), "csrc", "qgemv.cpp")],
-                           extra_cflags=flags, is_python_module=False, verbose=False)
+                           extra_cflags=flags, extra_ldflags=[] if os.name == "nt" else ["-fopenmp"],
+                           is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, failed build, ...
-        return f"build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        cause = next((line for line in lines if re.search(r"error:|not found|no such file", line, re.I)), lines[0])
+        return f"build failed: {cause[:200]}"
+    finally:
+        log.setLevel(level)
+    # Shapes for torch.compile, which traces the op without running it (the decode step can be compiled).
+    torch.library.register_fake("gemma4_kernels::qgemv")(
+        lambda x, qweight, scales, bits, group_size: x.new_empty(x.shape[0], qweight.shape[0]))
     return True
 
 
 def qmatmul(x, qweight, scales, bits, group_size):
     """x [..., K] (fp32/bf16/fp16) @ dequantize(qweight, scales).T -> [..., N] in x's dtype."""
-    _check_format(bits, group_size)
-    K = qweight.shape[1] * (2 if bits == 4 else 1)
+    N, K = _check_weight(qweight, scales, bits, group_size)
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} input features but the quantized weight has K={K}")
-    if K % group_size or scales.shape != (qweight.shape[0], K // group_size):
-        raise ValueError(f"scales shape {tuple(scales.shape)} does not match weight [N={qweight.shape[0]}, "
-                         f"K={K}] with group_size={group_size}")
-    x2 = x.reshape(-1, K)
-    if 0 < x2.shape[0] <= MAX_KERNEL_ROWS and x.device.type == "cpu" and kernel_available():
-        # The kernel quantizes activations to int8 per 32-block itself; it takes fp32 (a K-vector, cheap).
-        out = torch.ops.gemma4_kernels.qgemv(x2.float().contiguous(), qweight, scales, bits, group_size)
+    x2 = x if x.dim() == 2 else x.reshape(-1, K)
+    if 0 < x2.shape[0] <= MAX_KERNEL_ROWS and x.dtype in _KERNEL_DTYPES and x.device.type == "cpu" \
+            and kernel_available():
+        # Takes fp32/bf16/fp16 and answers in the same dtype: a separate cast costs ~5 us per call in Python,
+        # noticeable over the ~250 small matmuls of a decode step.
+        out = torch.ops.gemma4_kernels.qgemv(x2.contiguous(), qweight.contiguous(), scales.contiguous(),
+                                             bits, group_size)
     else:
-        out = _dequant_matmul(x2, qweight, scales, bits, group_size)
-    return out.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
+        out = _dequant_matmul(x2, qweight, scales, bits, group_size).to(x.dtype)
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], N)
 
 
 def _dequant_matmul(x2, qweight, scales, bits, group_size):
-    # Prefill (many rows) is compute bound: an fp32 GEMM is ~7x faster than bf16 (emulated on AVX2 CPUs),
-    # and dequantizing once costs little next to it.  Also the fallback when the kernel is unavailable.
-    return F.linear(x2.float(), dequantize(qweight, scales, bits, group_size))
+    # Prefill (many rows) is compute bound: an fp32 GEMM is ~7x faster than bf16 (emulated on AVX2 CPUs).
+    # The weight is dequantized in slices of ~4 MB: a whole fp32 copy of a large weight is a fresh mmap each
+    # call, whose page faults alone cost more than the dequantization (17 ms for [6144, 1536]).
+    # Also the fallback when the kernel is unavailable.
+    x = x2.float()
+    N = qweight.shape[0]
+    rows = max(1, _DEQUANT_SLICE // qweight.shape[1])
+    if rows >= N:
+        return F.linear(x, dequantize(qweight, scales, bits, group_size))
+    out = x.new_empty(x.shape[0], N)
+    for i in range(0, N, rows):
+        out[:, i:i + rows] = F.linear(x, dequantize(qweight[i:i + rows], scales[i:i + rows], bits, group_size))
+    return out

@@ -63,9 +63,11 @@ def _stop_ids(ckpt: str | None) -> tuple[int, ...]:
 
 class LLM:
     def __init__(self, path: str | os.PathLike | None = None, dtype=None, device=None,
-                 quantize: str | None = None, group_size: int = 32):
+                 quantize: str | None = None, group_size: int = 32, compile: bool = False):
         """`path`: checkpoint directory or hub id (None: the built-in tiny random model). `quantize`:
-        "int8" / "int4" weight-only, done at load (or load a checkpoint saved by `save_quantized`)."""
+        "int8" / "int4" weight-only, done at load (or load a checkpoint saved by `save_quantized`).
+        `compile`: torch.compile the decode step (minutes once, then faster steps; engine/runner.py)."""
+        self.compile = compile
         if path is None:
             dtype, device = resolve_dtype(dtype or "float32", None), resolve_device(device or "cpu")
             print(TINY_NOTICE, file=sys.stderr)
@@ -130,11 +132,12 @@ class LLM:
         params = [SamplingParams(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                                  seed, stops) for _ in prompts]
         decoders = [self.tokenizer.decode_stream() for _ in prompts]
-        for ev in runner.generate(self.model, prompts, params, [set(stops)] * len(prompts)):
+        for ev in runner.generate(self.model, prompts, params, [set(stops)] * len(prompts), compile=self.compile):
             text = "" if ev.finish_reason == "stop" else decoders[ev.index].step(ev.token_id)
             yield StreamEvent(ev.index, ev.token_id, text, ev.finish_reason)
 
-    def generate(self, prompt_token_ids: list[list[int]], max_new_tokens: int = 256, **kwargs) -> list[GenerationResult]:
+    def generate(self, prompt_token_ids: list[list[int]], max_new_tokens: int = 256,
+                 **kwargs) -> list[GenerationResult]:
         """One result per prompt. Keywords as `generate_stream` (temperature, top_k, top_p, min_p,
         repetition_penalty, seed, stop_token_ids)."""
         tokens = [[] for _ in prompt_token_ids]

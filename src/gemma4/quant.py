@@ -27,8 +27,8 @@ class QuantizedLinear(nn.Module):
     def __init__(self, out_features: int, in_features: int, bits: int, group_size: int, dtype: torch.dtype):
         super().__init__()
         self.bits, self.group_size, self.dtype = bits, group_size, dtype
-        packed = in_features // 2 if bits == 4 else in_features
-        self.register_buffer("qweight", torch.empty(out_features, packed, dtype=torch.uint8 if bits == 4 else torch.int8))
+        packed, qtype = (in_features // 2, torch.uint8) if bits == 4 else (in_features, torch.int8)
+        self.register_buffer("qweight", torch.empty(out_features, packed, dtype=qtype))
         self.register_buffer("scales", torch.empty(out_features, in_features // group_size, dtype=torch.float16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,8 +56,8 @@ class QuantizedBank(nn.Module):
     def __init__(self, n: int, out_features: int, in_features: int, bits: int, group_size: int):
         super().__init__()
         self.bits, self.group_size = bits, group_size
-        packed = in_features // 2 if bits == 4 else in_features
-        self.register_buffer("qweight", torch.empty(n, out_features, packed, dtype=torch.uint8 if bits == 4 else torch.int8))
+        packed, qtype = (in_features // 2, torch.uint8) if bits == 4 else (in_features, torch.int8)
+        self.register_buffer("qweight", torch.empty(n, out_features, packed, dtype=qtype))
         self.register_buffer("scales", torch.empty(n, out_features, in_features // group_size, dtype=torch.float16))
 
     def matmul(self, x: torch.Tensor, e: int) -> torch.Tensor:

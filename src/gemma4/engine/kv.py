@@ -26,7 +26,8 @@ class Plan:
     key_pos: dict  # kind -> [B, S] position of each key the layers of that kind see
     ring_slots: torch.Tensor  # [B, m] ring slots written by the last m new tokens
     full_len: int  # keys a global layer sees: slots [0, full_len)
-    ring_used: bool  # False: the ring is empty, sliding layers attend over the new tokens only
+    ring_used: bool | None  # False: the ring is empty, sliding layers attend over the new tokens only;
+    # None: one token per row, written before attending (see _plan_one)
 
 
 class KVCache:
@@ -51,10 +52,11 @@ class KVCache:
 
     def plan(self, positions: torch.Tensor, rows: slice = slice(None)) -> Plan:
         """Masks and write slots for new tokens at `positions` [B, T] (consecutive within a row)."""
+        B, T = positions.shape
+        if T == 1:
+            return self._plan_one(positions, rows)
         if positions.max().item() >= self.max_len:
             raise ValueError(f"position {positions.max().item()} is past the cache's max_len {self.max_len}")
-        B, T = positions.shape
-        dev = positions.device
         q = positions[:, :, None]
         ring_pos = self.ring_pos[rows]
         # Sliding layers see the ring as it was before this step, then the new tokens. A first prefill chunk
@@ -65,13 +67,28 @@ class KVCache:
         kp = key_sliding[:, None, :]
         mask_sliding = (kp >= 0) & (kp <= q) & (kp > q - self.cfg.sliding_window)
         full_len = positions.max().item() + 1
-        key_full = torch.arange(full_len, device=dev).expand(B, full_len)
+        key_full = torch.arange(full_len, device=positions.device).expand(B, full_len)
         mask_full = key_full[:, None, :] <= q
         m = min(T, self.window)
         slots = positions[:, T - m:] % self.window
         ring_pos.scatter_(1, slots, positions[:, T - m:])  # a view of self.ring_pos: updates it in place
         return Plan(rows, positions, {"sliding": mask_sliding[:, None], "full": mask_full[:, None]},
                     {"sliding": key_sliding, "full": key_full}, slots, full_len, ring_used)
+
+    def _plan_one(self, positions: torch.Tensor, rows: slice) -> Plan:
+        """One new token per row (decode): it is written first, then attends over the whole buffers. Its
+        slot in the ring only held a position a window back, which it no longer sees. Shapes do not depend
+        on the positions, and nothing is read back to Python: cheap, and traceable by torch.compile."""
+        B = positions.shape[0]
+        ring_pos = self.ring_pos[rows]
+        slots = positions % self.window
+        ring_pos.scatter_(1, slots, positions)
+        q, kp = positions[:, :, None], ring_pos[:, None, :]
+        mask_sliding = (kp >= 0) & (kp <= q) & (kp > q - self.cfg.sliding_window)
+        key_full = torch.arange(self.max_len, device=positions.device).expand(B, self.max_len)
+        mask_full = key_full[:, None, :] <= q
+        return Plan(rows, positions, {"sliding": mask_sliding[:, None], "full": mask_full[:, None]},
+                    {"sliding": ring_pos, "full": key_full}, slots, self.max_len, None)
 
     def update(self, layer: int, k_new: torch.Tensor | None, v_new: torch.Tensor, plan: Plan):
         """Store the new tokens' K/V [B, T, K, D] of `layer`; return the K, V [B, K, S, D] and mask its
@@ -82,7 +99,8 @@ class KVCache:
         k_new = k_new.transpose(1, 2) if k_new is not None else None
         v_new = v_new.transpose(1, 2)
         rows = torch.arange(v_buf.shape[0], device=v_buf.device)[:, None]
-        if spec.sliding:
+        kind = "sliding" if spec.sliding else "full"
+        if spec.sliding and plan.ring_used is not None:  # several tokens: attend first, then write the ring
             k, v = k_new, v_new
             if plan.ring_used:
                 k = torch.cat([k_buf, k_new], dim=2) if k_buf is not None else None
@@ -92,9 +110,12 @@ class KVCache:
                 if buf is not None:  # buf[b, :, slot[b, j]] = new[b, :, -m + j]
                     buf[rows, :, plan.ring_slots] = new[:, :, -m:].transpose(1, 2)
             return k, v, plan.mask["sliding"]
+        slots = plan.ring_slots if spec.sliding else plan.positions
         for buf, new in ((k_buf, k_new), (v_buf, v_new)):
             if buf is not None:
-                buf[rows, :, plan.positions] = new.transpose(1, 2)
+                buf[rows, :, slots] = new.transpose(1, 2)
+        if spec.sliding:  # one token, written first: the whole ring
+            return k_buf, v_buf, plan.mask[kind]
         n = plan.full_len
         return (k_buf[:, :, :n] if k_buf is not None else None), v_buf[:, :, :n], plan.mask["full"]
 
