@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,10 @@ def prompt_ids(n: int) -> list[int]:
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB
+    """This process's peak RSS (VmHWM: ru_maxrss would carry over the driver's peak through fork)."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+    return kib * 1024 / 1e9
 
 
 def make_checkpoint(out: str) -> None:

@@ -44,9 +44,9 @@ def test_int4_greedy_agreement_on_rows(ckpt):
     assert (a == b).float().mean().item() >= 0.9
 
 
-@pytest.mark.parametrize("quantize", ["int8", "int4"])
-def test_save_and_reload_quantized(ckpt, tmp_path, quantize):
-    path, _ = ckpt("e2b", tame=True)
+@pytest.mark.parametrize("quantize,text_only", [("int8", False), ("int4", False), ("int4", True)])
+def test_save_and_reload_quantized(ckpt, tmp_path, quantize, text_only):
+    path, _ = ckpt("e2b", tame=True, text_only=text_only)
     llm = gemma4.LLM(path, dtype="float32", device="cpu", quantize=quantize)
     out = str(tmp_path / "q")
     llm.save_quantized(out)

@@ -85,6 +85,7 @@ _IGNORED_FIELDS = {
     "output_attentions", "output_hidden_states", "return_dict", "is_encoder_decoder",
     "chunk_size_feed_forward", "problem_type", "id2label", "label2id", "tokenizer_class", "_attn_implementation",
     "keys_to_ignore_at_inference", "output_router_logits", "router_aux_loss_coef",
+    "quantization_config",  # read by weights.load
 }
 _TOKEN_FIELDS = ("boi_token_id", "eoi_token_id", "image_token_id", "video_token_id", "boa_token_id",
                  "eoa_token_index", "eoa_token_id", "audio_token_id")

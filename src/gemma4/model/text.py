@@ -73,15 +73,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def small_query_attention(q, k, v, mask):
     """Attention for a few queries, q [B, H, T, D] over k, v [B, K, S, D]: the query heads of a KV head are
-    stacked as rows (no copy of K/V per query head); softmax in fp32 as the reference."""
+    stacked as rows (no copy of K/V per query head). Computed in (at least) fp32: CPUs emulate bf16, and a
+    bf16 probs @ v is ~7x slower than upcasting (1.9 ms vs 0.28 ms for 512 keys, 8 heads of 256)."""
     B, H, T, D = q.shape
-    K = k.shape[1]
-    q = q.reshape(B, K, H // K * T, D)
+    K, out_dtype = k.shape[1], q.dtype
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    q, k, v = q.reshape(B, K, H // K * T, D).to(dtype), k.to(dtype), v.to(dtype)
     scores = (q @ k.transpose(-1, -2)).view(B, K, H // K, T, -1)
     scores = scores.masked_fill(~mask[:, :, None], float("-inf"))  # mask [B, 1, T, S]
-    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
-    probs = probs.to(v.dtype).view(B, K, H // K * T, -1)
-    return (probs @ v).view(B, H, T, D)
+    probs = torch.softmax(scores, dim=-1).view(B, K, H // K * T, -1)
+    return (probs @ v).view(B, H, T, D).to(out_dtype)
 
 
 class Attention(nn.Module):
