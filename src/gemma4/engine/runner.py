@@ -36,9 +36,9 @@ def step_logits(model: Gemma4, input_ids: torch.Tensor, positions: torch.Tensor,
 
 def compiled_decode(model: Gemma4):
     """`step_logits` for one token per row, compiled by torch.compile once per model (and batch size / cache
-    length). A decode step is some 16,000 small tensor ops around the weight reads; fused into a few C++
-    loops they cost a few ms instead of ~35 (E2B on 2 cores), which is the difference between ~80% and
-    ~90% of the memory-bandwidth limit in bf16, and more with int4 weights. Compiling takes minutes."""
+    length). A decode step is some 16,000 small tensor ops around the weight reads (~35 ms of overhead for
+    E2B on 2 cores); fused, bf16 decode went from 81% to 88% of its memory-bandwidth limit in
+    benchmarks/bench_generate.py. Compiling takes one to two minutes."""
     if getattr(model, "_compiled_decode", None) is None:
         # inference_mode outside the compiled function: traced inside, it breaks in-place cache writes
         compiled = torch.compile(_step_logits, dynamic=False)
