@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,11 +11,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
 GGUF = ROOT.parent / "shared" / "gemma4" / "tokenizer" / "ggml-vocab-gemma-4.gguf"  # dev/CI machines only
-
-try:
-    import gemma4.tokenizer  # noqa: F401
-except ImportError:  # running from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(ROOT / "src"))
 
 from gemma4.tokenizer import StreamDecoder, Tokenizer, load_tokenizer  # noqa: E402
 

@@ -8,8 +8,6 @@ Shapes: B batch, T new tokens, S keys, H query heads, K KV heads, D head dim, E 
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
