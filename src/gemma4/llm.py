@@ -72,12 +72,10 @@ class LLM:
             dtype, device = resolve_dtype(dtype or "float32", None), resolve_device(device or "cpu")
             print(TINY_NOTICE, file=sys.stderr)
             self.model = tiny_random_model(dtype, device)
-            if quantize:
-                from .quant import quantize_model
+            from .quant import parse_quantize, quantize_model
 
-                bits = {"int8": 8, "int4": 4}.get(quantize)
-                if bits is None:
-                    raise ValueError(f"quantize must be 'int8' or 'int4', got {quantize!r}")
+            bits = parse_quantize(quantize)
+            if bits:
                 quantize_model(self.model, bits, group_size)
             self.checkpoint = None
         else:

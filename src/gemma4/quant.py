@@ -69,6 +69,14 @@ class QuantizedBank(nn.Module):
         self.scales = torch.stack([s for _, s in pairs])
 
 
+def parse_quantize(quantize) -> int | None:
+    """"int8" / "int4" (or 8 / 4, or None) -> bits; anything else is a clear error."""
+    bits = {None: None, "int8": 8, "int4": 4, 8: 8, 4: 4}.get(quantize, -1)
+    if bits == -1:
+        raise ValueError(f"quantize must be 'int8' or 'int4', got {quantize!r}")
+    return bits
+
+
 def check_quantization(bits, group_size) -> None:
     if bits not in (4, 8):
         raise ValueError(f"quantization must be int8 or int4, got {bits!r} bits")

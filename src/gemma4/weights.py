@@ -120,9 +120,9 @@ def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None 
     saved_quant = _saved_quantization(ckpt)
     if quantize is not None and saved_quant:
         raise ValueError(f"{ckpt} is already quantized ({saved_quant['bits']}-bit); load it without quantize=")
-    bits = {None: None, "int8": 8, "int4": 4, 8: 8, 4: 4}.get(quantize, -1)
-    if bits == -1:
-        raise ValueError(f"quantize must be 'int8' or 'int4', got {quantize!r}")
+    from .quant import parse_quantize
+
+    bits = parse_quantize(quantize)
     with torch.device("meta"):
         model = Gemma4(config)
     if saved_quant:
