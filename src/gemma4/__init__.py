@@ -1,4 +1,5 @@
 """gemma4: Google's Gemma 4 models in plain PyTorch."""
+from .chat.parse import parse_output
 from .config import ConfigError, load_config
 from .llm import LLM, GenerationResult
 from .tokenizer import load_tokenizer

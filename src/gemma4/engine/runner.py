@@ -34,34 +34,81 @@ def step_logits(model: Gemma4, input_ids: torch.Tensor, positions: torch.Tensor,
         return _step_logits(model, input_ids, positions, cache, rows)
 
 
-def compiled_decode(model: Gemma4):
-    """`step_logits` for one token per row, compiled by torch.compile once per model (and batch size / cache
-    length). A decode step is some 16,000 small tensor ops around the weight reads (~35 ms of overhead for
-    E2B on 2 cores); fused, bf16 decode went from 81% to 88% of its memory-bandwidth limit in
-    benchmarks/bench_generate.py. Compiling takes one to two minutes."""
-    if getattr(model, "_compiled_decode", None) is None:
-        # inference_mode outside the compiled function: traced inside, it breaks in-place cache writes
-        compiled = torch.compile(_step_logits, dynamic=False)
+def compiled_step(model: Gemma4):
+    """`_step_logits` compiled by torch.compile once per model (and batch size / cache length); call it
+    under inference_mode (traced inside, inference_mode breaks in-place cache writes). A decode step is
+    some 16,000 small tensor ops around the weight reads (~35 ms of overhead for E2B on 2 cores); fused,
+    bf16 decode went from 81% to 88% of its memory-bandwidth limit in benchmarks/bench_generate.py; on a
+    GPU it cuts the kernels a CUDA-graph step launches. Compiling takes one to two minutes."""
+    if getattr(model, "_compiled_step", None) is None:
+        model._compiled_step = torch.compile(_step_logits, dynamic=False)
+    return model._compiled_step
 
-        def decode(*args):
-            with torch.inference_mode():
-                return compiled(*args)
-        model._compiled_decode = decode
-    return model._compiled_decode
+
+def compiled_decode(model: Gemma4):
+    """`step_logits` for one token per row, through `compiled_step`."""
+    step = compiled_step(model)
+
+    def decode(*args):
+        with torch.inference_mode():
+            return step(*args)
+    return decode
+
+
+class GraphedDecode:
+    """`step_logits` for one token per row, captured once as a CUDA graph over a fixed cache: a replay
+    launches the step's ~2,000 kernels without Python in between (eager decode on a GPU is bound by
+    launching them, not by the GPU). Inputs are copied into static tensors; the logits come back in one.
+    Capture runs the step on scratch inputs, so it is done before the cache holds anything."""
+
+    def __init__(self, model: Gemma4, cache: KVCache, batch: int, step=_step_logits):
+        device = model.device
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.inference_mode():
+            with torch.cuda.stream(side):  # warm-up off the capture stream, as CUDA graphs require
+                for _ in range(2):
+                    step(model, self.ids, self.pos, cache)
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = step(model, self.ids, self.pos, cache)
+        cache.ring_pos.fill_(-1)  # forget the scratch steps' writes (their K/V are masked out from now on)
+
+    def __call__(self, model, ids, pos, cache):
+        self.ids.copy_(ids)
+        self.pos.copy_(pos)
+        self.graph.replay()
+        return self.logits
+
+
+def can_graph(model: Gemma4) -> bool:
+    """CUDA graphs need a step with no host sync: the MoE dispatch reads expert counts back to Python."""
+    return model.device.type == "cuda" and not any(s.moe for s in model.config.text.layers)
 
 
 def generate(model: Gemma4, prompts: list[list[int]], params: list[SamplingParams], stop_ids: list[set],
-             prefill_chunk: int = 1024, compile: bool = False, max_len: int | None = None) -> Iterator[TokenEvent]:
+             prefill_chunk: int = 1024, compile: bool = False, max_len: int | None = None,
+             cuda_graph: bool | None = None) -> Iterator[TokenEvent]:
     """Yield tokens as they are made, for a batch of prompts of any lengths. `compile`: run decode steps
-    through `compiled_decode` (finished rows then stay in the batch, so that shapes never change).
-    `max_len`: the cache's length (default: the longest prompt + its max_new_tokens)."""
+    through `compiled_decode`; `cuda_graph` (default: on a GPU, where possible) through `GraphedDecode`
+    (of the compiled step, with `compile`).
+    Both keep finished rows in the batch, so that shapes never change. `max_len`: the cache's length
+    (default: the longest prompt + its max_new_tokens)."""
     device, cfg = model.device, model.config.text
     needed = max(len(p) + sp.max_new_tokens for p, sp in zip(prompts, params))
     max_len = min(max(max_len or 0, needed), cfg.max_position_embeddings)
     if compile:  # fewer distinct cache shapes, fewer recompilations
         max_len = min(-(-max_len // 256) * 256, cfg.max_position_embeddings)
-    decode = compiled_decode(model) if compile else step_logits
     cache = KVCache(cfg, len(prompts), max_len, model.dtype, device)
+    graph = can_graph(model) if cuda_graph is None else cuda_graph
+    if graph:
+        decode = GraphedDecode(model, cache, len(prompts), compiled_step(model) if compile else _step_logits)
+    else:
+        decode = compiled_decode(model) if compile else step_logits
+    static = compile or graph
     samplers = [Sampler(sp, seen=set(p)) for p, sp in zip(prompts, params)]
     lengths, last = [len(p) for p in prompts], []
     for b, prompt in enumerate(prompts):
@@ -90,7 +137,7 @@ def generate(model: Gemma4, prompts: list[list[int]], params: list[SamplingParam
                 keep.append(row)
         if all(done):
             break
-        if len(keep) < len(running) and not compile:
+        if len(keep) < len(running) and not static:
             running = [running[r] for r in keep]
             cache.keep_rows(torch.tensor(keep, device=device))
         ids = torch.tensor([[last[b]] for b in running], device=device)
