@@ -101,3 +101,55 @@ def build(shape: str, out: str, text_only: bool = False, published_layout: bool 
             state[f"{prefix}layers.{i}.self_attn.k_norm.weight"] = torch.randn(d)
         save_file(state, st, metadata={"format": "pt"})
     return model
+
+
+# ---- Media towers that run (issue 6): tiny edge / large vision towers, a tiny Conformer ----------------------
+# Placeholder and delimiter ids inside the tiny 512-token vocabulary (the real ones are ~256000-258884).
+MEDIA_TOKENS = dict(boi_token_id=500, eoi_token_id=501, image_token_id=502, boa_token_id=503,
+                    eoa_token_index=504, audio_token_id=505, video_token_id=506)
+# Edge (E2B/E4B) layout: activation-clipped linears, no output standardisation.
+VISION_EDGE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=2, head_dim=16, position_embedding_size=320, use_clipped_linears=True,
+                   standardize=False)
+# Large (26B/31B) layout: no clipping, standardised output; grouped KV heads and a head dim of 12 on top.
+VISION_LARGE = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=12, position_embedding_size=320, use_clipped_linears=False,
+                    standardize=True)
+# The first subsampling width must be 128 (transformers sizes input_proj_linear from it).
+AUDIO_RUN = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, output_proj_dims=24,
+                 subsampling_conv_channels=[128, 4])
+
+
+def randomise_towers(model: torch.nn.Module, seed: int = 1) -> None:
+    """Finite clipping bounds (tight enough that some activations are clipped) and a random standardisation:
+    the reference initialises them to +-inf and 0 / 1, which would leave both untested."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            u = torch.empty(()).uniform_(0.0, 1.0, generator=gen).item()
+            if name.endswith("input_max"):
+                b.fill_(1.5 + u)
+            elif name.endswith("input_min"):
+                b.fill_(-1.5 - u)
+            elif name.endswith("output_max"):
+                b.fill_(0.2 + 0.4 * u)
+            elif name.endswith("output_min"):
+                b.fill_(-0.2 - 0.4 * u)
+            elif name.endswith("std_bias"):
+                b.copy_(torch.randn(b.shape, generator=gen))
+            elif name.endswith("std_scale"):
+                b.copy_(torch.empty(b.shape).uniform_(0.5, 1.5, generator=gen))
+
+
+def build_media(shape: str, out: str, vision: dict | None = None, audio: dict | None = None, seed: int = 0):
+    """A multimodal checkpoint with tiny towers that run, placeholder ids in the tiny vocabulary; returns the
+    reference Gemma4ForConditionalGeneration (fp32, eval)."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    model = Gemma4ForConditionalGeneration(Gemma4Config(text_config=dict(SHAPES[shape]), vision_config=vision,
+                                                        audio_config=audio, **MEDIA_TOKENS))
+    randomise(model, seed)
+    randomise_towers(model, seed + 1)
+    model.eval()
+    model.save_pretrained(out)
+    return model

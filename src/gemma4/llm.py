@@ -63,11 +63,17 @@ def _stop_ids(ckpt: str | None) -> tuple[int, ...]:
 
 class LLM:
     def __init__(self, path: str | os.PathLike | None = None, dtype=None, device=None,
-                 quantize: str | None = None, group_size: int = 32, compile: bool = False):
+                 quantize: str | None = None, group_size: int = 32, compile: bool = False,
+                 kv_memory: int | None = None, max_seqs: int = 16, prefill_chunk: int = 512):
         """`path`: checkpoint directory or hub id (None: the built-in tiny random model). `quantize`:
         "int8" / "int4" weight-only, done at load (or load a checkpoint saved by `save_quantized`).
-        `compile`: torch.compile the decode step (minutes once, then faster steps; engine/runner.py)."""
+        `compile`: torch.compile the decode step (minutes once, then faster steps; engine/runner.py); with
+        it, and on a GPU (CUDA graphs), `generate` runs a static batch instead of the serving engine.
+        `kv_memory` (bytes), `max_seqs`, `prefill_chunk`: the serving engine's K/V memory (default: 2 GiB on
+        a CPU, 90% of free memory on a GPU), concurrent sequences and tokens per step (engine/engine.py)."""
         self.compile = compile
+        self.engine_options = dict(kv_memory=kv_memory, max_seqs=max_seqs, max_step_tokens=prefill_chunk)
+        self._engine = None
         if path is None:
             dtype, device = resolve_dtype(dtype or "float32", None), resolve_device(device or "cpu")
             print(TINY_NOTICE, file=sys.stderr)
@@ -84,6 +90,15 @@ class LLM:
         self.config = self.model.config
         self.stop_token_ids = _stop_ids(self.checkpoint)
         self._tokenizer = None
+
+    @property
+    def engine(self):
+        """The continuous-batching engine (engine/engine.py), made on first use."""
+        if self._engine is None:
+            from .engine.engine import Engine
+
+            self._engine = Engine(self.model, stop_ids=self.stop_token_ids, **self.engine_options)
+        return self._engine
 
     @property
     def tokenizer(self):
@@ -130,9 +145,29 @@ class LLM:
         params = [SamplingParams(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                                  seed, stops) for _ in prompts]
         decoders = [self.tokenizer.decode_stream() for _ in prompts]
-        for ev in runner.generate(self.model, prompts, params, [set(stops)] * len(prompts), compile=self.compile):
-            text = "" if ev.finish_reason == "stop" else decoders[ev.index].step(ev.token_id)
-            yield StreamEvent(ev.index, ev.token_id, text, ev.finish_reason)
+        if self.compile or runner.can_graph(self.model):  # a static batch: compiled / CUDA-graph decode steps
+            events = ((ev.index, ev.token_id, ev.finish_reason) for ev in
+                      runner.generate(self.model, prompts, params, [set(stops)] * len(prompts), compile=self.compile))
+        else:
+            events = self._engine_events(prompts, params)
+        for index, token, reason in events:
+            text = "" if reason == "stop" else decoders[index].step(token)
+            yield StreamEvent(index, token, text, reason)
+
+    def _engine_events(self, prompts, params):
+        engine, tag = self.engine, f"llm-{id(prompts)}-"
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            engine.add(f"{tag}{i}", p, sp)
+        try:
+            while engine.has_work():
+                for ev in engine.step():
+                    if ev.request_id.startswith(tag) and ev.token_id is not None:
+                        yield int(ev.request_id[len(tag):]), ev.token_id, ev.finish_reason
+        finally:  # the caller stopped early: free what is left
+            for i in range(len(prompts)):
+                engine.abort(f"{tag}{i}")
+            while engine.has_work():
+                engine.step()
 
     def generate(self, prompt_token_ids: list[list[int]], max_new_tokens: int = 256,
                  **kwargs) -> list[GenerationResult]:

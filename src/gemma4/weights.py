@@ -2,9 +2,9 @@
 
 The model is built on the meta device and each tensor is read once, converted to the target dtype and
 assigned: no second full copy. Nothing is ever unpickled. Names are matched exactly; the only tensors
-we skip are the towers not built (text-only load), a tied `lm_head.weight`, and the unused K/V weights
-that published files may still carry on KV-shared layers. Anything else missing, unexpected or
-mis-shaped is an error naming the tensor.
+we skip are the media towers when they are not built (`media=False`, or a file without them such as a
+saved quantized decoder), a tied `lm_head.weight`, and the unused K/V weights that published files may
+still carry on KV-shared layers. Anything else missing, unexpected or mis-shaped is an error naming the tensor.
 """
 from __future__ import annotations
 
@@ -105,8 +105,12 @@ def resolve_device(device) -> torch.device:
 
 
 def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None = None,
-         group_size: int = 32) -> Gemma4:
-    """Load a checkpoint directory or hub id -> `Gemma4` in eval mode (text decoder; media towers skipped).
+         group_size: int = 32, media: bool | None = None) -> Gemma4:
+    """Load a checkpoint directory or hub id -> `Gemma4` in eval mode.
+
+    `media`: build and load the vision / audio towers the config describes. None (default): when the files
+    hold them; True: they must be there; False: the text decoder alone (their tensors are skipped).
+    Quantization applies to the text decoder only; the towers stay in `dtype`.
 
     Tensors already in the target dtype stay memory-mapped from the file (no copy). The PLE table always
     stays in its stored dtype, memory-mapped: it is only ever looked up, a row per token, so most of its
@@ -123,8 +127,11 @@ def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None 
     from .quant import parse_quantize
 
     bits = parse_quantize(quantize)
+    files = safetensors_files(ckpt)
+    if media is None:
+        media = _has_towers(files, config)
     with torch.device("meta"):
-        model = Gemma4(config)
+        model = Gemma4(config, media=bool(media))
     if saved_quant:
         from .quant import quantize_structure
 
@@ -132,12 +139,12 @@ def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None 
     wanted = model.state_dict()  # parameters and persistent buffers (layer_scalar, quantized weights)
     shared = {s.index for s in config.text.layers if s.kv_shared}
     state: dict[str, torch.Tensor] = {}
-    for file in safetensors_files(ckpt):
+    for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
             for key in f.keys():
                 name = our_name(key, config)
-                if name.startswith(_TOWERS):
-                    continue  # media towers load with the multimodal model, not the text decoder
+                if name.startswith(_TOWERS) and not media:
+                    continue  # a text-only load: the towers are not built
                 m = _SHARED_KV_UNUSED.match(name)
                 if m and int(m.group(1)) in shared:
                     continue  # published files keep K/V weights that KV-shared layers never use
@@ -165,6 +172,17 @@ def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None 
 
         quantize_model(model, bits, group_size)
     return model.eval()
+
+
+def _has_towers(files: list[str], config: ModelConfig) -> bool:
+    """Whether the checkpoint stores media-tower tensors (reads the safetensors headers only)."""
+    if config.vision is None and config.audio is None:
+        return False
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            if any(our_name(k, config).startswith(_TOWERS) for k in f.keys()):
+                return True
+    return False
 
 
 def _saved_quantization(ckpt: str) -> dict | None:

@@ -136,3 +136,90 @@ def kv_bytes_per_token(cfg: TextConfig, context: int, dtype_bytes: int = 2) -> i
         slots = min(context, cfg.sliding_window) if s.sliding else context
         total += slots * s.num_kv_heads * s.head_dim * (1 if s.k_eq_v else 2) * dtype_bytes
     return total // max(context, 1)
+
+
+def block_bytes(cfg: TextConfig, kind: str, block_size: int, dtype_bytes: int) -> int:
+    """Bytes of one block of `kind` ("full" or "sliding"): `block_size` positions of every layer of that kind
+    that owns K/V (one tensor where K=V)."""
+    return sum(block_size * s.num_kv_heads * s.head_dim * (1 if s.k_eq_v else 2) * dtype_bytes
+               for s in cfg.layers if not s.kv_shared and s.sliding == (kind == "sliding"))
+
+
+class PagedKVCache:
+    """The serving engine's K/V memory: per layer that owns K/V, a pool of blocks [blocks * block_size, K, D]
+    (V only where K=V); which blocks a sequence uses is the block manager's business (engine/blocks.py).
+    `batch(...)` binds a batch's block tables and positions into the object a forward reads and extends."""
+
+    def __init__(self, cfg: TextConfig, num_blocks: dict[str, int], block_size: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        self.cfg, self.block_size = cfg, block_size
+        self.k: dict[int, torch.Tensor | None] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        for s in cfg.layers:
+            if s.kv_shared:
+                continue
+            shape = (num_blocks["sliding" if s.sliding else "full"] * block_size, s.num_kv_heads, s.head_dim)
+            self.k[s.index] = None if s.k_eq_v else torch.zeros(shape, dtype=dtype, device=device)
+            self.v[s.index] = torch.zeros(shape, dtype=dtype, device=device)
+
+    def batch(self, positions: torch.Tensor, tables: dict[str, list[list[int | None]]],
+              media_groups: torch.Tensor | None = None) -> PagedBatch:
+        """positions [B, T] of the new tokens (consecutive per row; keys before them are in the cache);
+        tables: kind -> each row's block list (None for sliding blocks already dropped)."""
+        B, T = positions.shape
+        bs, device = self.block_size, positions.device
+        first, end = positions[:, 0], positions[:, -1] + 1
+        plan = Plan(slice(None), positions, {}, {}, None, 0, None)
+        plan.write, plan.read = {}, {}
+        for kind, table in tables.items():
+            width = max(len(t) for t in table)
+            table_t = torch.tensor([[b if b is not None else 0 for b in t] + [0] * (width - len(t)) for t in table],
+                                   dtype=torch.long, device=device)
+            if kind == "sliding":  # keys from the start of the block holding the oldest position in the window
+                lo = (first - self.cfg.sliding_window + 1).clamp(min=0) // bs * bs
+            else:
+                lo = torch.zeros_like(first)
+            S = int((end - lo).max())
+            key_pos = lo[:, None] + torch.arange(S, device=device)
+            key_pos = key_pos.masked_fill(key_pos >= end[:, None], -1)
+            q, kp = positions[:, :, None], key_pos[:, None, :]
+            mask = (kp >= 0) & (kp <= q)
+            if kind == "sliding":
+                mask &= kp > q - self.cfg.sliding_window
+                if media_groups is not None:  # tokens of one image see each other (26B / 31B; one row)
+                    g = media_groups  # [1, T]; an image is never split across chunks, its keys are the last T
+                    same = (g[:, :, None] == g[:, None, :]) & (g[:, :, None] > 0)
+                    mask[:, :, -T:] |= same & (positions[:, None, :] > q - self.cfg.sliding_window)
+            kpc = key_pos.clamp(min=0)
+            plan.read[kind] = table_t.gather(1, kpc // bs) * bs + kpc % bs
+            plan.write[kind] = table_t.gather(1, positions // bs) * bs + positions % bs
+            plan.mask[kind] = mask[:, None]
+            plan.key_pos[kind] = key_pos
+        return PagedBatch(self, plan)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (*self.k.values(), *self.v.values()) if t is not None)
+
+
+class PagedBatch:
+    """A batch bound to its blocks: the `cache` argument of TextModel.forward (plan / update)."""
+
+    def __init__(self, cache: PagedKVCache, plan: Plan):
+        self.cache, self._plan = cache, plan
+
+    def plan(self, positions, rows=None) -> Plan:
+        return self._plan
+
+    def update(self, layer: int, k_new: torch.Tensor | None, v_new: torch.Tensor, plan: Plan):
+        """Write the new tokens' K/V [B, T, K, D] into their slots, then read every key the queries see:
+        K, V [B, K, S, D] and the mask [B, 1, T, S]. K is None on K=V layers."""
+        kind = "sliding" if self.cache.cfg.layers[layer].sliding else "full"
+        out = []
+        for pool, new in ((self.cache.k[layer], k_new), (self.cache.v[layer], v_new)):
+            if pool is None:
+                out.append(None)
+                continue
+            pool.index_copy_(0, plan.write[kind].flatten(), new.reshape(-1, *new.shape[2:]).to(pool.dtype))
+            out.append(pool[plan.read[kind]].transpose(1, 2))
+        return out[0], out[1], plan.mask[kind]

@@ -148,3 +148,21 @@ def generate(model: Gemma4, prompts: list[list[int]], params: list[SamplingParam
             if not done[b]:
                 lengths[b] += 1
                 last[b] = samplers[b](logits[row])
+
+
+def forward_paged(model: Gemma4, cache, ids: list[list[int]], starts: list[int], tables: list[dict],
+                  media: torch.Tensor | None = None, logits: bool = True) -> torch.Tensor | None:
+    """The serving engine's forward: rows of equal length (a batch of decodes, or one prompt chunk), each
+    continuing its sequence at `starts[b]` with its blocks `tables[b]` (kind -> block ids). `media`: the
+    soft-token rows for the chunk's media slots. Returns the last token's logits [B, vocab] if asked."""
+    device = model.device
+    input_ids = torch.tensor(ids, device=device)
+    T = input_ids.shape[1]
+    positions = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)
+    batch = cache.batch(positions, {kind: [t[kind] for t in tables] for kind in tables[0]},
+                        model.media_groups(input_ids) if media is not None else None)
+    with torch.inference_mode():
+        embeds, ple_ids = model.embed(input_ids, media)
+        keep = slice(T - 1, T)
+        hidden = model.language_model(embeds, ple_ids, positions, cache=batch, keep=keep)
+        return model.language_model.logits(hidden)[:, -1] if logits else None

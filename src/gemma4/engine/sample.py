@@ -19,6 +19,7 @@ class SamplingParams:
     repetition_penalty: float | None = None
     seed: int | None = None
     stop_token_ids: tuple[int, ...] | None = None  # None: the checkpoint's generation_config
+    logprobs: int | None = None  # None: off; k >= 0: the chosen token's log-probability and the top k
 
     def __post_init__(self):
         def bad(msg):
@@ -37,6 +38,8 @@ class SamplingParams:
             bad(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             bad(f"seed must be an integer, got {self.seed!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
+            bad(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
 
 
 @dataclass
@@ -44,6 +47,7 @@ class Sampler:
     """Samples the tokens of one sequence; owns its random generator so a seed fixes its output alone."""
     params: SamplingParams
     seen: set = field(default_factory=set)  # tokens that the repetition penalty applies to
+    constraint: object = None  # structured output (gemma4.chat.constrain): masks logits, follows the tokens
     generator: torch.Generator | None = None
 
     def __post_init__(self):
@@ -56,8 +60,21 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> int:
         """logits [vocab] -> token id."""
+        return self.sample(logits)[0]
+
+    def sample(self, logits: torch.Tensor) -> tuple[int, float | None, list[tuple[int, float]] | None]:
+        """logits [vocab] -> (token id, its log-probability, the top-k (id, log-probability)) where the
+        params ask for logprobs (of the model's distribution, before penalties and masks, as vLLM reports)."""
         p = self.params
         logits = logits.float().cpu()
+        logprob = top = None
+        if p.logprobs is not None:
+            logp = torch.log_softmax(logits, dim=-1)
+            if p.logprobs:
+                values, ids = logp.topk(p.logprobs)
+                top = list(zip(ids.tolist(), values.tolist()))
+        if self.constraint is not None:
+            logits = self.constraint.mask_logits(logits)
         if p.repetition_penalty not in (None, 1.0) and self.seen:
             idx = torch.tensor(sorted(self.seen))
             picked = logits[idx]
@@ -80,4 +97,8 @@ class Sampler:
                 probs[probs < p.min_p * probs.max()] = 0
             token = int(torch.multinomial(probs, 1, generator=self.generator))
         self.seen.add(token)
-        return token
+        if self.constraint is not None:
+            self.constraint.accept(token)
+        if p.logprobs is not None:
+            logprob = float(logp[token])
+        return token, logprob, top

@@ -239,6 +239,13 @@ def _mask(q_pos, k_pos, k_valid, window: int | None):
     return m[:, None]
 
 
+def _group_mask(groups, pos, k_valid, window: int):
+    """[B, 1, T, T]: query and key in the same media group (> 0), key within the sliding window (key > query -
+    window: every later key of the group passes) — the reference's AND(window, OR(causal, same block))."""
+    same = (groups[:, :, None] == groups[:, None, :]) & (groups[:, :, None] > 0)
+    return (same & (pos[:, None, :] > pos[:, :, None] - window) & k_valid[:, None, :])[:, None]
+
+
 class TextModel(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -282,7 +289,8 @@ class TextModel(nn.Module):
         proj = self.per_layer_projection_norm(proj.view(*embeds.shape[:-1], cfg.num_layers, cfg.ple_dim))
         return (proj + own.view_as(proj)) * 2.0 ** -0.5
 
-    def forward(self, embeds, ple_ids, positions, cache=None, cache_rows=slice(None), key_valid=None, keep=None):
+    def forward(self, embeds, ple_ids, positions, cache=None, cache_rows=slice(None), key_valid=None, keep=None,
+                media_groups=None):
         """Run the decoder over new tokens; returns final-normed hidden states.
 
         embeds [B, T, E] (already scaled); ple_ids [B, T] (token ids for the PLE lookup, multimodal slots
@@ -290,6 +298,10 @@ class TextModel(nn.Module):
         `cache_rows` hold these sequences); without one, the T tokens attend among themselves, `key_valid`
         [B, T] marking padding. `keep`: a slice along T of the outputs wanted. KV-shared layers produce no
         K/V, so from the first of them on only the kept tokens are computed (the last prompt token in prefill).
+        `media_groups` [B, T]: 1, 2, ... per image / video frame, 0 for text (26B/31B, `use_bidirectional_attention:
+        "vision"`): on sliding layers the tokens of one group also see each other's later tokens (still within
+        the window); full layers stay causal. Cache-free path only: with a cache, the cache's plan carries
+        them (engine.kv.PagedKVCache.batch).
         """
         cfg = self.cfg
         B, T, _ = embeds.shape
@@ -298,6 +310,8 @@ class TextModel(nn.Module):
         rope = {kind: rope_cos_sin(getattr(self, f"inv_freq_{kind}"), positions, dtype)
                 for kind in ("sliding", "full") if hasattr(self, f"inv_freq_{kind}")}
         if cache is not None:
+            if media_groups is not None:
+                raise ValueError("media_groups go to the cache's plan (engine.kv.PagedKVCache.batch), not here")
             plan = cache.plan(positions, cache_rows)
         else:
             valid = key_valid if key_valid is not None else torch.ones(B, T, dtype=torch.bool, device=positions.device)
@@ -305,6 +319,9 @@ class TextModel(nn.Module):
             eye = torch.eye(T, dtype=torch.bool, device=positions.device)[None, None]
             plan_masks = {kind: _mask(positions, positions, valid, cfg.sliding_window if kind == "sliding" else None)
                           | eye for kind in ("sliding", "full")}
+            if media_groups is not None:
+                plan_masks["sliding"] = plan_masks["sliding"] | _group_mask(media_groups, positions, valid,
+                                                                            cfg.sliding_window)
         x, shared, key_rope = embeds, {}, {}
         for i, layer in enumerate(self.layers):
             spec = layer.spec

@@ -1,0 +1,223 @@
+"""The serving engine: continuous batching over a paged K/V cache.
+
+    engine = Engine(model, kv_memory=2 << 30)
+    engine.add("a", prompt_ids, SamplingParams(max_new_tokens=64))
+    while engine.has_work():
+        for ev in engine.step(): ...        # TokenEvent(request_id, token_id, finish_reason, logprobs)
+
+Requests join and leave between steps; each step is one batched forward over the running decodes plus
+prompt chunks (engine/scheduler.py). `AsyncEngine` runs the steps on a thread for the server: a request's
+tokens arrive on its own asyncio queue, and `abort` frees its memory at the next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from ..model import Gemma4
+from .blocks import BlockPool
+from .kv import PagedKVCache, block_bytes
+from .runner import forward_paged
+from .sample import Sampler, SamplingParams
+from .scheduler import KINDS, Scheduler
+from .sequence import Sequence, Status
+
+
+@dataclass
+class TokenEvent:
+    request_id: str
+    token_id: int | None  # None: the request ended without a new token (cancelled)
+    finish_reason: str | None  # "stop", "length", "cancelled" or None (more to come)
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+def default_kv_memory(model: Gemma4) -> int:
+    """GPU: 90% of what is free after the weights; CPU: 2 GiB."""
+    if model.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(model.device)
+        return int(free * 0.9)
+    return 2 << 30
+
+
+class Engine:
+    def __init__(self, model: Gemma4, kv_memory: int | None = None, block_size: int = 64, max_seqs: int = 16,
+                 max_step_tokens: int = 512, stop_ids=(1, 106, 50)):
+        cfg = model.config.text
+        if block_size <= 0 or max_seqs <= 0 or max_step_tokens <= 0:
+            raise ValueError("block_size, max_seqs and max_step_tokens must be positive")
+        self.model, self.cfg, self.block_size, self.default_stop = model, cfg, block_size, frozenset(stop_ids)
+        dsize = torch.empty(0, dtype=model.dtype).element_size()
+        sizes = {k: block_bytes(cfg, k, block_size, dsize) for k in KINDS}
+        sizes = {k: b for k, b in sizes.items() if b}
+        kv_memory = default_kv_memory(model) if kv_memory is None else int(kv_memory)
+        # Sliding layers need one window (+ a chunk) per sequence, and as much again for the prefix cache, but
+        # no more than their share of the memory (by bytes per position); the rest goes to the global layers,
+        # which grow with the sequences.
+        blocks, per_seq = {}, -(-(cfg.sliding_window + max_step_tokens) // block_size) + 2
+        if "sliding" in sizes:
+            share = kv_memory * sizes["sliding"] // sum(sizes.values())
+            blocks["sliding"] = min(2 * max_seqs * per_seq, share // sizes["sliding"])
+        if "full" in sizes:
+            most = max_seqs * -(-cfg.max_position_embeddings // block_size)  # every sequence at full context
+            blocks["full"] = min(most, (kv_memory - blocks.get("sliding", 0) * sizes.get("sliding", 0)) // sizes["full"])
+        if blocks.get("sliding", per_seq) < per_seq or blocks.get("full", 4) < 4:
+            need = (per_seq * sizes.get("sliding", 0) + 4 * sizes.get("full", 0)) * (1 + ("sliding" in sizes))
+            raise ValueError(f"kv_memory {kv_memory} bytes is too small for this model: give it at least {need}")
+        self.block_sizes = sizes
+        self.pools = {k: BlockPool(n, sizes[k]) for k, n in blocks.items()}
+        self.cache = PagedKVCache(cfg, blocks, block_size, model.dtype, model.device)
+        ids = [model.config.token_ids.get(k) for k in ("image_token_id", "video_token_id", "audio_token_id")]
+        self.media_ids = frozenset(i for i in ids if i is not None)
+        self.scheduler = Scheduler(cfg, self.pools, block_size, max_seqs, max_step_tokens, self.media_ids)
+        self.sequences: dict[str, Sequence] = {}
+        self.capacity = blocks["full"] * block_size if "full" in blocks else cfg.max_position_embeddings
+
+    # ---------------------------------------------------------------- requests
+    def add(self, request_id: str, prompt: list[int], params: SamplingParams, media: torch.Tensor | None = None,
+            constraint=None) -> None:
+        """Queue a request. `media`: the soft-token rows of its media slots, in order (Gemma4.encode_media)."""
+        if request_id in self.sequences:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        vocab, context = self.cfg.vocab_size, self.cfg.max_position_embeddings
+        if not prompt or not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
+            raise ValueError(f"prompt must be a non-empty list of token ids in [0, {vocab})")
+        if len(prompt) >= min(context, self.capacity):
+            raise ValueError(f"the prompt has {len(prompt)} tokens; the context is {context} and the K/V memory "
+                             f"holds {self.capacity}")
+        slots = sum(t in self.media_ids for t in prompt)
+        if slots and (media is None or media.shape[0] != slots):
+            raise ValueError(f"the prompt has {slots} media slots but {0 if media is None else media.shape[0]} "
+                             f"soft-token rows were given")
+        stop = frozenset(params.stop_token_ids) if params.stop_token_ids is not None else self.default_stop
+        seq = Sequence(request_id, list(prompt), params, stop, Sampler(params, seen=set(prompt), constraint=constraint),
+                       media=media if slots else None)
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request: it ends, and its memory is freed, at the start of the next step."""
+        seq = self.sequences.get(request_id)
+        if seq is not None:
+            seq.cancelled = True
+
+    def has_work(self) -> bool:
+        return bool(self.scheduler.running or self.scheduler.waiting)
+
+    def memory(self) -> dict:
+        """K/V bytes in use and free (free includes cached blocks no sequence holds), per kind and in all."""
+        out = {}
+        for kind, pool in self.pools.items():
+            out[kind] = {"used_bytes": pool.used * pool.block_bytes,
+                         "free_bytes": len(pool.free) * pool.block_bytes}
+        out["used_bytes"] = sum(v["used_bytes"] for v in out.values())
+        out["free_bytes"] = sum(v["free_bytes"] for k, v in out.items() if k in KINDS)
+        return out
+
+    # ---------------------------------------------------------------- one step
+    def step(self) -> list[TokenEvent]:
+        before = {s.id for s in self.scheduler.running} | {s.id for s in self.scheduler.waiting}
+        work = self.scheduler.schedule()
+        events = [TokenEvent(rid, None, self.sequences.pop(rid).finish_reason) for rid in before
+                  if self.sequences[rid].status is Status.FINISHED]
+        decodes = [w for w in work if w.count == 1 and w.start == len(w.seq) - 1]
+        chunks = [w for w in work if w not in decodes]
+        if decodes:
+            logits = forward_paged(self.model, self.cache, [[w.seq.tokens[w.start]] for w in decodes],
+                                   [w.start for w in decodes], [w.seq.blocks for w in decodes],
+                                   self._media(decodes[0]) if len(decodes) == 1 else None)
+            for row, w in enumerate(decodes):
+                events.append(self._advance(w, logits[row]))
+        for w in chunks:
+            last = w.start + w.count == len(w.seq)
+            logits = forward_paged(self.model, self.cache, [w.seq.tokens[w.start:w.start + w.count]], [w.start],
+                                   [w.seq.blocks], self._media(w), logits=last)
+            events.append(self._advance(w, logits[0] if last else None))
+        return [e for e in events if e is not None]
+
+    def _media(self, w) -> torch.Tensor | None:
+        seq = w.seq
+        if seq.media is None:
+            return None
+        tokens = seq.tokens
+        before = sum(t in self.media_ids for t in tokens[:w.start])
+        inside = sum(t in self.media_ids for t in tokens[w.start:w.start + w.count])
+        return seq.media[before:before + inside] if inside else None
+
+    def _advance(self, w, logits: torch.Tensor | None) -> TokenEvent | None:
+        seq = w.seq
+        seq.computed += w.count
+        self.scheduler.register_full_blocks(seq)
+        if logits is None:
+            return None
+        token, logprob, top = seq.sampler.sample(logits)
+        seq.output.append(token)
+        p = seq.params
+        reason = "stop" if token in seq.stop_ids else \
+            "length" if len(seq.output) >= p.max_new_tokens or len(seq) >= min(self.cfg.max_position_embeddings,
+                                                                                 self.capacity) else None
+        if reason:
+            self.scheduler.finish(seq, reason)
+            self.sequences.pop(seq.id)
+        return TokenEvent(seq.id, token, reason, logprob, top)
+
+
+class AsyncEngine:
+    """An Engine stepped on a background thread, for asyncio servers: `async for ev in generate(...)`."""
+
+    def __init__(self, engine: Engine, max_waiting: int = 256):
+        self.engine, self.max_waiting = engine, max_waiting
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.queues: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        self.ids = itertools.count()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="gemma4-engine", daemon=True)
+        self.thread.start()
+
+    def busy(self) -> bool:
+        return len(self.engine.scheduler.waiting) >= self.max_waiting
+
+    def _loop(self):
+        while True:
+            self.wake.wait()
+            with self.lock:
+                if not self.engine.has_work():
+                    self.wake.clear()
+                    continue
+                try:
+                    events = self.engine.step()
+                except BaseException as e:  # a broken step fails every request, not the server
+                    events = [TokenEvent(rid, None, "error") for rid in list(self.engine.sequences)]
+                    for rid in list(self.engine.sequences):
+                        seq = self.engine.sequences.pop(rid)
+                        self.engine.scheduler.finish(seq, "error")
+                    self.error = e
+            for ev in events:
+                q = self.queues.get(ev.request_id)
+                if q is not None:
+                    q[1].call_soon_threadsafe(q[0].put_nowait, ev)
+
+    async def generate(self, prompt: list[int], params: SamplingParams, media=None, constraint=None):
+        """Yield this request's TokenEvents; leaving the loop early (client gone) cancels it."""
+        rid = f"req-{next(self.ids)}"
+        queue: asyncio.Queue = asyncio.Queue()
+        self.queues[rid] = (queue, asyncio.get_running_loop())
+        with self.lock:
+            self.engine.add(rid, prompt, params, media, constraint)
+        self.wake.set()
+        try:
+            while True:
+                ev = await queue.get()
+                yield ev
+                if ev.finish_reason is not None:
+                    return
+        finally:
+            self.queues.pop(rid, None)
+            with self.lock:
+                self.engine.abort(rid)
+            self.wake.set()

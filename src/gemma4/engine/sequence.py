@@ -1,0 +1,42 @@
+"""A request as the engine sees it: its tokens, how many of them are in the K/V cache, its blocks."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from .sample import Sampler, SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # not admitted yet, or preempted (its blocks were taken back)
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    stop_ids: frozenset
+    sampler: Sampler
+    media: list | None = None  # encoded media (one [N, E] tensor per placeholder run), in prompt order
+    output: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    computed: int = 0  # tokens whose K/V are in the cache (the rest is fed by the next forwards)
+    blocks: dict = field(default_factory=lambda: {"full": [], "sliding": []})  # kind -> block ids (None: dropped)
+    hashed: int = 0  # full blocks whose hash is registered
+    finish_reason: str | None = None
+    cancelled: bool = False
+    arrival: int = 0  # admission order: the newest running sequence is preempted first
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def uncomputed(self) -> int:
+        return len(self) - self.computed
