@@ -1,5 +1,6 @@
-"""The `gemma4` command line: `gemma4 info` (what a checkpoint is, from its config.json alone) and
-`gemma4 generate` (stream a completion). `chat` and `serve` will be further subcommands.
+"""The `gemma4` command line: `info` (what a checkpoint is, from its config.json alone), `generate` (stream a
+completion), `chat` (an interactive chat in the terminal), `serve` (the OpenAI-compatible server) and
+`quantize`.
 
 Errors a user can cause (bad flag, missing checkpoint, unusable config) print one line,
 `gemma4: error: ...`, and exit with code 2; Ctrl-C exits quietly with 130.
@@ -150,6 +151,126 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+# ---- gemma4 serve ----
+
+def _parse_bytes(text: str | None) -> int | None:
+    if text is None:
+        return None
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        return int(float(num) * units[unit])
+    except ValueError:
+        raise ValueError(f"--kv-memory {text!r}: expected bytes like 2GB, 512MiB or 1073741824") from None
+
+
+def _load(args) -> LLM:
+    if args.dtype:
+        resolve_dtype(args.dtype, None)
+    resolve_device(args.device)
+    return LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
+               kv_memory=_parse_bytes(getattr(args, "kv_memory", None)), max_seqs=getattr(args, "max_seqs", 16),
+               prefill_chunk=getattr(args, "prefill_chunk", 512))
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from .chat.request import MediaPolicy
+    from .server.app import create_app
+
+    if args.allow_local_media and not os.path.isdir(args.allow_local_media):
+        raise ValueError(f"--allow-local-media {args.allow_local_media}: no such directory")
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port {args.port}: must be in 1..65535")
+    _parse_bytes(args.kv_memory)
+    llm = _load(args)
+    name = args.served_model_name or (args.model or "gemma4-tiny-random")
+    policy = MediaPolicy(args.allow_local_media, args.allow_remote_media)
+    app = create_app(llm, name, args.api_key or os.environ.get("GEMMA4_API_KEY"), policy, args.max_waiting)
+    print(f"gemma4: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+# ---- gemma4 chat ----
+
+CHAT_HELP = "commands: /think (toggle thinking), /image FILE, /audio FILE, /reset, /quit"
+
+
+def cmd_chat(args) -> int:
+    from .chat.parse import StreamParser
+    from .chat.request import prepare_chat
+
+    llm = _load(args)
+    history, pending, thinking = [], [], args.think
+    dim, reset = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
+    print(f"gemma4 chat ({args.model or 'built-in tiny random model'}); {CHAT_HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return 0
+        cmd, _, rest = line.strip().partition(" ")
+        if cmd in ("/quit", "/exit"):
+            return 0
+        if cmd == "/reset":
+            history, pending = [], []
+            print("(history cleared)")
+            continue
+        if cmd == "/think":
+            thinking = not thinking
+            print(f"(thinking {'on' if thinking else 'off'})")
+            continue
+        if cmd in ("/image", "/audio"):
+            path = os.path.expanduser(rest.strip())
+            if not os.path.isfile(path):
+                print(f"(no such file: {path})")
+                continue
+            kind = cmd[1:]
+            pending.append({"type": kind, kind: os.path.abspath(path)})
+            print(f"({kind} attached to your next message)")
+            continue
+        if cmd.startswith("/"):
+            print(f"(unknown command; {CHAT_HELP})")
+            continue
+        if not line.strip():
+            continue
+        message = {"role": "user", "content": [*pending, {"type": "text", "text": line}] if pending else line}
+        try:
+            req = prepare_chat(llm, history + [message], enable_thinking=thinking)
+        except ValueError as e:
+            print(f"(error: {e})")
+            continue
+        pending = []
+        media = llm.model.encode_media(req.media) if req.media else None
+        params = SamplingParams(args.max_new_tokens, args.temperature, stop_token_ids=llm.stop_token_ids)
+        engine, decoder, parser, answer = llm.engine, llm.tokenizer.decode_stream(), StreamParser(), []
+        engine.add("chat", req.prompt_ids, params, media=media)
+        try:
+            while engine.has_work():
+                for ev in engine.step():
+                    if ev.token_id is None:
+                        continue
+                    piece = "" if ev.finish_reason == "stop" else decoder.step(ev.token_id)
+                    for d in parser.feed(piece) + (parser.finish() if ev.finish_reason else []):
+                        if d.kind == "reasoning":
+                            print(f"{dim}{d.text}{reset}", end="", flush=True)
+                        elif d.kind == "content":
+                            print(d.text, end="", flush=True)
+                            answer.append(d.text)
+                        else:
+                            print(f"[tool call {d.tool_call.name}({d.tool_call.arguments})]", end="", flush=True)
+        except KeyboardInterrupt:  # stop this answer, keep the chat
+            engine.abort("chat")
+            while engine.has_work():
+                engine.step()
+        print()
+        history += [message, {"role": "assistant", "content": "".join(answer)}]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gemma4", description="Google's Gemma 4 models in plain PyTorch.")
     parser.add_argument("--version", action="version", version=f"gemma4 {__version__}")
@@ -186,6 +307,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=32, help="weights per scale (a multiple of 32)")
     p.add_argument("--dtype", help="dtype of the float weights kept (norms...; default: the checkpoint's)")
     p.set_defaults(func=cmd_quantize)
+
+    def load_options(p):
+        p.add_argument("--model", help=model_help)
+        p.add_argument("--dtype", help="bfloat16, float16 or float32 (default: the checkpoint's)")
+        p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")
+        p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization at load")
+
+    p = sub.add_parser("chat", help="chat in the terminal (streams; /think, /image FILE, /reset, /quit)")
+    load_options(p)
+    p.add_argument("--think", action="store_true", help="start with thinking on")
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="the OpenAI-compatible HTTP server")
+    load_options(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set GEMMA4_API_KEY)")
+    p.add_argument("--served-model-name", help="the model id clients ask for (default: --model)")
+    p.add_argument("--kv-memory", help="K/V cache memory, e.g. 4GB (default: 2 GiB on a CPU, 90%% of free GPU memory)")
+    p.add_argument("--max-seqs", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per engine step")
+    p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429")
+    p.add_argument("--allow-local-media", metavar="DIR", help="let requests read image/audio/video files under DIR")
+    p.add_argument("--allow-remote-media", action="store_true", help="let requests fetch http(s) media URLs")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -29,6 +29,17 @@ class GenerationResult:
 
 
 @dataclass
+class ChatResult:
+    content: str | None
+    reasoning_content: str | None
+    tool_calls: list  # gemma4.chat.parse.ToolCall (.name, .arguments dict, .to_openai())
+    finish_reason: str  # "stop", "length" or "tool_calls"
+    prompt_tokens: int
+    completion_tokens: int
+    text: str  # the raw output, special tokens included
+
+
+@dataclass
 class StreamEvent:
     index: int  # which prompt
     token_id: int
@@ -108,6 +119,51 @@ class LLM:
             has_own = ckpt is not None and os.path.isfile(os.path.join(ckpt, "tokenizer.json"))
             self._tokenizer = load_tokenizer(ckpt if has_own else None)
         return self._tokenizer
+
+    @property
+    def chat_template(self) -> str:
+        """The checkpoint's chat template, else the official 2026-07-09 one of the model's family."""
+        if getattr(self, "_chat_template", None) is None:
+            from .chat.template import load_chat_template, template_family
+
+            self._chat_template = load_chat_template(self.checkpoint, template_family(self.config))
+        return self._chat_template
+
+    def render_chat(self, messages, tools=None, add_generation_prompt: bool = True, enable_thinking: bool = False,
+                    image_budget: int | None = None) -> str:
+        """The prompt the model will see for these OpenAI-style messages, media placeholders expanded."""
+        from .chat.request import prepare_chat
+
+        return prepare_chat(self, messages, tools, enable_thinking=enable_thinking, image_budget=image_budget,
+                            add_generation_prompt=add_generation_prompt).prompt
+
+    def chat(self, messages, tools=None, tool_choice=None, response_format=None, enable_thinking: bool = False,
+             image_budget: int | None = None, max_new_tokens: int = 512, **sampling) -> ChatResult:
+        """One assistant turn: `.content`, `.reasoning_content`, `.tool_calls`. `tool_choice` "required" or
+        {"type": "function", "function": {"name": ...}} and `response_format` {"type": "json_object"} /
+        {"type": "json_schema", "json_schema": {"schema": ...}} are enforced by constrained decoding.
+        Sampling keywords as `generate` (temperature, top_k, top_p, min_p, repetition_penalty, seed)."""
+        from .chat.parse import parse_output
+        from .chat.request import prepare_chat
+
+        req = prepare_chat(self, messages, tools, tool_choice, response_format, enable_thinking, image_budget)
+        params = SamplingParams(max_new_tokens, stop_token_ids=req.stop_ids or self.stop_token_ids,
+                                **{k: v for k, v in sampling.items() if v is not None})
+        engine = self.engine
+        media = self.model.encode_media(req.media) if req.media else None
+        rid = f"chat-{id(req)}"
+        engine.add(rid, req.prompt_ids, params, media=media, constraint=req.constraint)
+        tokens, reason = [], None
+        while engine.has_work() and reason is None:
+            for ev in engine.step():
+                if ev.request_id == rid:
+                    tokens.append(ev.token_id)
+                    reason = ev.finish_reason
+        text = self.tokenizer.decode(tokens)
+        out = parse_output(text)
+        finish = "tool_calls" if out.tool_calls else reason
+        return ChatResult(out.content, out.reasoning_content, out.tool_calls, finish, len(req.prompt_ids),
+                          len(tokens), text)
 
     def save_quantized(self, out: str) -> None:
         """Write this (quantized) model as a checkpoint directory that loads without re-quantizing."""

@@ -1,0 +1,91 @@
+"""Serving engine: aggregate decode throughput of concurrent requests, and time to first token of a second
+chat turn that shares its prefix with the first (prefix cache), on the full-size E2B shape.
+
+    python benchmarks/bench_serving.py                                  # ckpt/e2b-text-int8 (bench_generate makes it)
+    python benchmarks/bench_serving.py --checkpoint ckpt/e2b-text --concurrency 1,4,8
+
+Prints one table row per concurrency (median decode step, aggregate tok/s, ratio to one request) and the
+two TTFTs with their ratio. Targets (issue 4): 8 requests >= 5x one; second turn <= 25% of the first.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def ids(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 262144, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def decode_rate(engine, batch: int, prompt_len: int, steps: int) -> float:
+    """Aggregate tokens/s of `batch` requests decoding together (median of the all-decode steps)."""
+    from gemma4.engine.sample import SamplingParams
+
+    for i in range(batch):
+        engine.add(f"b{batch}-{i}", ids(prompt_len, i), SamplingParams(max_new_tokens=steps + 1))
+    times = []
+    while engine.has_work():
+        decoding = all(s.uncomputed == 1 for s in engine.scheduler.running) and not engine.scheduler.waiting
+        t = time.perf_counter()
+        engine.step()
+        if decoding and len(engine.scheduler.running) == batch:
+            times.append(time.perf_counter() - t)
+    return batch / statistics.median(times)
+
+
+def ttft(engine, prompt: list[int], rid: str) -> tuple[float, list[int]]:
+    from gemma4.engine.sample import SamplingParams
+
+    engine.add(rid, prompt, SamplingParams(max_new_tokens=16))
+    t, first, out = time.perf_counter(), None, []
+    while engine.has_work():
+        for ev in engine.step():
+            if first is None:
+                first = time.perf_counter() - t
+            out.append(ev.token_id)
+    return first, out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=os.path.join(HERE, "..", "ckpt", "e2b-text-int8"))
+    ap.add_argument("--concurrency", default="1,8")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--prefix", type=int, default=2000, help="the first chat turn's prompt")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, os.path.join(HERE, "..", "src"))
+    import gemma4
+    from gemma4.engine.engine import Engine
+
+    model = gemma4.load(args.checkpoint, dtype="bfloat16", device="cpu")
+    fmt = f"int{model.quantization['bits']}" if model.quantization else "bf16"
+    engine = Engine(model, max_seqs=16, stop_ids=())
+    print(f"\nE2B text ({fmt} weights, random), {args.threads} threads, prompts of {args.prompt_len} tokens, "
+          f"median of {args.steps} decode steps\n\n| concurrent requests | decode step s | aggregate tok/s | vs one |"
+          "\n|---|---|---|---|")
+    base = None
+    for batch in map(int, args.concurrency.split(",")):
+        rate = decode_rate(engine, batch, args.prompt_len, args.steps)
+        base = base or rate
+        print(f"| {batch} | {batch / rate:.3f} | {rate:.2f} | {rate / base:.2f}x |", flush=True)
+    turn1 = ids(args.prefix, 100)
+    first, out = ttft(engine, turn1, "turn1")
+    turn2 = turn1 + out + ids(40, 101)  # the answer and a new user message
+    second, _ = ttft(engine, turn2, "turn2")
+    print(f"\nTTFT: first turn ({len(turn1)} tokens) {first:.2f} s; second turn ({len(turn2)} tokens, "
+          f"{engine.scheduler.cached_tokens} from the prefix cache) {second:.2f} s = {second / first:.0%} of the first")
+    print(f"K/V memory: {engine.memory()['used_bytes']} bytes in use after all requests")
+
+
+if __name__ == "__main__":
+    main()
