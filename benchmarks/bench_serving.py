@@ -59,7 +59,7 @@ def main():
     ap.add_argument("--concurrency", default="1,8")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--prefix", type=int, default=2000, help="the first chat turn's prompt")
+    ap.add_argument("--prefix", type=int, default=2000, help="the first chat turn's prompt (0: skip)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -78,6 +78,8 @@ def main():
         rate = decode_rate(engine, batch, args.prompt_len, args.steps)
         base = base or rate
         print(f"| {batch} | {batch / rate:.3f} | {rate:.2f} | {rate / base:.2f}x |", flush=True)
+    if not args.prefix:
+        return
     turn1 = ids(args.prefix, 100)
     first, out = ttft(engine, turn1, "turn1")
     turn2 = turn1 + out + ids(40, 101)  # the answer and a new user message
