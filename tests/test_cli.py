@@ -147,6 +147,13 @@ BAD = [  # argv, words the one-line error must contain
     (["info", "--context", "0"], "--context must be a positive number"),
     (["info", "--model", "{unknown}"], "frobnicate"),
     ([], "required: COMMAND"),
+    (["serve", "--port", "0"], "--port 0"),
+    (["serve", "--kv-memory", "lots"], "--kv-memory 'lots'"),
+    (["serve", "--max-seqs", "0"], "--max-seqs and --prefill-chunk must be positive"),
+    (["serve", "--allow-local-media", "/nonexistent"], "no such directory"),
+    (["serve", "--model", "/nonexistent"], "/nonexistent"),
+    (["chat", "--model", "/nonexistent"], "/nonexistent"),
+    (["chat", "--dtype", "int8"], "unsupported dtype 'int8'"),
 ]
 
 
@@ -189,3 +196,9 @@ def test_quantize_bad_input(capsys, argv, words):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err
+
+
+def test_serve_kv_memory_too_small(capsys):
+    code, out, err = run(capsys, "serve", "--kv-memory", "1KB")
+    assert code == 2 and out == ""
+    assert err.splitlines()[-1].startswith("gemma4: error: kv_memory 1024 bytes is too small")

@@ -118,3 +118,32 @@ def test_hub_id_resolves_through_local_cache(ckpt, tmp_path, monkeypatch):
     ids = prompt()
     with torch.no_grad():
         assert_close(model(ids), ref(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_serving_engine_logits_match_reference(ckpt, shape):
+    """The paged cache path (prompt in chunks of 5 across block and window boundaries, then decode steps):
+    every step's logits equal the reference's full forward over the same tokens."""
+    from gemma4.engine.engine import Engine
+    from gemma4.engine.sample import SamplingParams
+
+    path, ref = ckpt(shape)
+    model = gemma4.load(path, dtype="float32", device="cpu")
+    engine = Engine(model, block_size=4, max_step_tokens=5, stop_ids=())
+    ids = prompt()[0].tolist()
+    engine.add("r", ids, SamplingParams(max_new_tokens=4))
+    sampler, seen = engine.sequences["r"].sampler, []
+    original = sampler.sample
+
+    def capture(logits):
+        seen.append(logits.clone())
+        return original(logits)
+    sampler.sample = capture
+    out = []
+    while engine.has_work():
+        out += [ev.token_id for ev in engine.step()]
+    with torch.no_grad():
+        expected = ref(input_ids=torch.tensor([ids + out])).logits[0]
+    assert len(seen) == 4
+    for step, logits in enumerate(seen):
+        assert_close(logits, expected[len(ids) - 1 + step])

@@ -1,7 +1,6 @@
 """Vision tower, merge and logits against the reference (transformers) on tiny random checkpoints: the edge
 layout (clipped linears, E2B text) and the large layout (standardised output, 31B text with bidirectional
 attention among the tokens of each image on sliding layers)."""
-import io
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from gemma4.media import MediaError
 
 pytest.importorskip("transformers")
 import reference  # noqa: E402
+from test_media import make_video  # noqa: E402
 from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil  # noqa: E402
 
 TOK = reference.MEDIA_TOKENS
@@ -144,23 +144,6 @@ def test_greedy_tokens_match_reference(built, variant):
             nxt = model(out, media=soft)[0, -1].argmax()
             out = torch.cat([out, nxt.view(1, 1)], dim=1)
     assert out[0, ids.shape[1]:].tolist() == expected.tolist()
-
-
-def make_video(seconds, fps=10, h=72, w=128):
-    import av
-
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as c:
-        s = c.add_stream("mpeg4", rate=fps)
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        y, x = np.mgrid[0:h, 0:w]
-        for i in range(int(round(seconds * fps))):
-            img = np.stack([(x * 2 + i * 9) % 256, (y * 3 + i * 5) % 256, ((x + y) * 2) % 256], -1).astype(np.uint8)
-            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return buf.getvalue()
 
 
 def test_video_and_images_interleaved_match_reference(built):

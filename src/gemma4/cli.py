@@ -184,6 +184,8 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--allow-local-media {args.allow_local_media}: no such directory")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port {args.port}: must be in 1..65535")
+    if args.max_seqs <= 0 or args.prefill_chunk <= 0:
+        raise ValueError("--max-seqs and --prefill-chunk must be positive")
     _parse_bytes(args.kv_memory)
     llm = _load(args)
     name = args.served_model_name or (args.model or "gemma4-tiny-random")
@@ -247,26 +249,20 @@ def cmd_chat(args) -> int:
         pending = []
         media = llm.model.encode_media(req.media) if req.media else None
         params = SamplingParams(args.max_new_tokens, args.temperature, stop_token_ids=llm.stop_token_ids)
-        engine, decoder, parser, answer = llm.engine, llm.tokenizer.decode_stream(), StreamParser(), []
-        engine.add("chat", req.prompt_ids, params, media=media)
+        decoder, parser, answer = llm.tokenizer.decode_stream(), StreamParser(), []
         try:
-            while engine.has_work():
-                for ev in engine.step():
-                    if ev.token_id is None:
-                        continue
-                    piece = "" if ev.finish_reason == "stop" else decoder.step(ev.token_id)
-                    for d in parser.feed(piece) + (parser.finish() if ev.finish_reason else []):
-                        if d.kind == "reasoning":
-                            print(f"{dim}{d.text}{reset}", end="", flush=True)
-                        elif d.kind == "content":
-                            print(d.text, end="", flush=True)
-                            answer.append(d.text)
-                        else:
-                            print(f"[tool call {d.tool_call.name}({d.tool_call.arguments})]", end="", flush=True)
-        except KeyboardInterrupt:  # stop this answer, keep the chat
-            engine.abort("chat")
-            while engine.has_work():
-                engine.step()
+            for _, token, reason in llm._engine_events([req.prompt_ids], [params], [media]):
+                piece = "" if reason == "stop" else decoder.step(token)
+                for d in parser.feed(piece) + (parser.finish() if reason else []):
+                    if d.kind == "reasoning":
+                        print(f"{dim}{d.text}{reset}", end="", flush=True)
+                    elif d.kind == "content":
+                        print(d.text, end="", flush=True)
+                        answer.append(d.text)
+                    else:
+                        print(f"[tool call {d.tool_call.name}({d.tool_call.arguments})]", end="", flush=True)
+        except KeyboardInterrupt:  # stop this answer (its request is cancelled), keep the chat
+            pass
         print()
         history += [message, {"role": "assistant", "content": "".join(answer)}]
 

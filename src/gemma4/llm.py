@@ -149,16 +149,10 @@ class LLM:
         req = prepare_chat(self, messages, tools, tool_choice, response_format, enable_thinking, image_budget)
         params = SamplingParams(max_new_tokens, stop_token_ids=req.stop_ids or self.stop_token_ids,
                                 **{k: v for k, v in sampling.items() if v is not None})
-        engine = self.engine
         media = self.model.encode_media(req.media) if req.media else None
-        rid = f"chat-{id(req)}"
-        engine.add(rid, req.prompt_ids, params, media=media, constraint=req.constraint)
         tokens, reason = [], None
-        while engine.has_work() and reason is None:
-            for ev in engine.step():
-                if ev.request_id == rid:
-                    tokens.append(ev.token_id)
-                    reason = ev.finish_reason
+        for _, token, reason in self._engine_events([req.prompt_ids], [params], [media], [req.constraint]):
+            tokens.append(token)
         text = self.tokenizer.decode(tokens)
         out = parse_output(text)
         finish = "tool_calls" if out.tool_calls else reason
@@ -210,16 +204,19 @@ class LLM:
             text = "" if reason == "stop" else decoders[index].step(token)
             yield StreamEvent(index, token, text, reason)
 
-    def _engine_events(self, prompts, params):
+    def _engine_events(self, prompts, params, media=None, constraints=None):
+        """Run requests in the engine; yield (index, token id, finish reason) as tokens come. Leaving early
+        (an exception, Ctrl-C, a closed generator) cancels what is left and frees its memory."""
         engine, tag = self.engine, f"llm-{id(prompts)}-"
         for i, (p, sp) in enumerate(zip(prompts, params)):
-            engine.add(f"{tag}{i}", p, sp)
+            engine.add(f"{tag}{i}", p, sp, media=media[i] if media else None,
+                       constraint=constraints[i] if constraints else None)
         try:
             while engine.has_work():
                 for ev in engine.step():
                     if ev.request_id.startswith(tag) and ev.token_id is not None:
                         yield int(ev.request_id[len(tag):]), ev.token_id, ev.finish_reason
-        finally:  # the caller stopped early: free what is left
+        finally:
             for i in range(len(prompts)):
                 engine.abort(f"{tag}{i}")
             while engine.has_work():

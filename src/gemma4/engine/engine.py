@@ -127,14 +127,14 @@ class Engine:
         decodes = [w for w in work if w.count == 1 and w.start == len(w.seq) - 1]
         chunks = [w for w in work if w not in decodes]
         if decodes:
-            logits = forward_paged(self.model, self.cache, [[w.seq.tokens[w.start]] for w in decodes],
+            logits = forward_paged(self.model, self.cache, [w.seq.token_range(w.start, w.start + 1) for w in decodes],
                                    [w.start for w in decodes], [w.seq.blocks for w in decodes],
                                    self._media(decodes[0]) if len(decodes) == 1 else None)
             for row, w in enumerate(decodes):
                 events.append(self._advance(w, logits[row]))
         for w in chunks:
             last = w.start + w.count == len(w.seq)
-            logits = forward_paged(self.model, self.cache, [w.seq.tokens[w.start:w.start + w.count]], [w.start],
+            logits = forward_paged(self.model, self.cache, [w.seq.token_range(w.start, w.start + w.count)], [w.start],
                                    [w.seq.blocks], self._media(w), logits=last)
             events.append(self._advance(w, logits[0] if last else None))
         return [e for e in events if e is not None]

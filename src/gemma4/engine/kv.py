@@ -145,6 +145,15 @@ def block_bytes(cfg: TextConfig, kind: str, block_size: int, dtype_bytes: int) -
                for s in cfg.layers if not s.kv_shared and s.sliding == (kind == "sliding"))
 
 
+@dataclass
+class PagedPlan:
+    """Where a batch's new K/V go and which slots its queries read, per kind of layer ("full" / "sliding")."""
+    mask: dict  # kind -> [B, 1, T, S] boolean, True = attend
+    key_pos: dict  # kind -> [B, S] position of each key read (-1: padding); K=V layers rope keys by it
+    write: dict  # kind -> [B, T] pool slot of each new token
+    read: dict  # kind -> [B, S] pool slot of each key
+
+
 class PagedKVCache:
     """The serving engine's K/V memory: per layer that owns K/V, a pool of blocks [blocks * block_size, K, D]
     (V only where K=V); which blocks a sequence uses is the block manager's business (engine/blocks.py).
@@ -169,8 +178,7 @@ class PagedKVCache:
         B, T = positions.shape
         bs, device = self.block_size, positions.device
         first, end = positions[:, 0], positions[:, -1] + 1
-        plan = Plan(slice(None), positions, {}, {}, None, 0, None)
-        plan.write, plan.read = {}, {}
+        plan = PagedPlan({}, {}, {}, {})
         for kind, table in tables.items():
             width = max(len(t) for t in table)
             table_t = torch.tensor([[b if b is not None else 0 for b in t] + [0] * (width - len(t)) for t in table],
@@ -205,13 +213,13 @@ class PagedKVCache:
 class PagedBatch:
     """A batch bound to its blocks: the `cache` argument of TextModel.forward (plan / update)."""
 
-    def __init__(self, cache: PagedKVCache, plan: Plan):
+    def __init__(self, cache: PagedKVCache, plan: PagedPlan):
         self.cache, self._plan = cache, plan
 
-    def plan(self, positions, rows=None) -> Plan:
+    def plan(self, positions, rows=None) -> PagedPlan:
         return self._plan
 
-    def update(self, layer: int, k_new: torch.Tensor | None, v_new: torch.Tensor, plan: Plan):
+    def update(self, layer: int, k_new: torch.Tensor | None, v_new: torch.Tensor, plan: PagedPlan):
         """Write the new tokens' K/V [B, T, K, D] into their slots, then read every key the queries see:
         K, V [B, K, S, D] and the mask [B, 1, T, S]. K is None on K=V layers."""
         kind = "sliding" if self.cache.cfg.layers[layer].sliding else "full"

@@ -54,50 +54,53 @@ class Scheduler:
             while len(table) < need:
                 table.append(pool.allocate())
             if kind == "sliding":
-                first_kept = max(0, seq.computed - self.cfg.sliding_window + 1) // self.bs
-                for i in range(first_kept):
+                for i in range(self._window_first(seq.computed)):
                     if table[i] is not None:
                         pool.release(table[i])
                         table[i] = None
+
+    def _window_first(self, position: int) -> int:
+        """The first block a query at `position` reads on sliding layers."""
+        return max(0, position - self.cfg.sliding_window + 1) // self.bs
 
     def _reuse_prefix(self, seq: Sequence) -> None:
         """Take the cached blocks of the longest block-aligned prefix that can be resumed: every global block
         before it, and the sliding blocks that its window covers. The last token is always computed (its
         logits are needed), and nothing from the first media token on (placeholders alone do not say
         which image)."""
-        tokens = seq.tokens
-        limit = len(tokens) - 1
-        media = next((i for i, t in enumerate(tokens) if t in self.media_ids), None)
-        if media is not None:
-            limit = min(limit, media)
-        hashes = block_hashes(tokens[:limit], self.bs)
-        n = 0  # blocks of the prefix
-        for i in range(len(hashes), 0, -1):
-            window_first = max(0, i * self.bs - self.cfg.sliding_window + 1) // self.bs
-            if all(self.pools["full"].has(h) for h in hashes[:i]) if "full" in self.pools else True:
-                if "sliding" not in self.pools or all(self.pools["sliding"].has(h) for h in hashes[window_first:i]):
-                    n = i
-                    break
+        hashes = block_hashes(seq.tokens[:min(len(seq) - 1, self._first_media(seq))], self.bs)
+
+        def cached(n: int) -> bool:  # can a sequence resume after n blocks?
+            lo = {"full": 0, "sliding": self._window_first(n * self.bs)}
+            return all(pool.has(h) for kind, pool in self.pools.items() for h in hashes[lo[kind]:n])
+
+        n = next((i for i in range(len(hashes), 0, -1) if cached(i)), 0)
         if n == 0:
             return
-        window_first = max(0, n * self.bs - self.cfg.sliding_window + 1) // self.bs
         for kind, pool in self.pools.items():
-            lo = window_first if kind == "sliding" else 0
+            lo = self._window_first(n * self.bs) if kind == "sliding" else 0
             seq.blocks[kind] = [None] * lo + [pool.take_cached(h) for h in hashes[lo:n]]
         seq.computed = seq.hashed = n * self.bs
+        seq.last_hash = hashes[n - 1]
+
+    def _first_media(self, seq: Sequence) -> int:
+        return next((i for i, t in enumerate(seq.tokens) if t in self.media_ids), len(seq)) if self.media_ids \
+            else len(seq)
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """After a forward: hash the blocks it completed, so that later sequences can reuse them."""
-        done = seq.computed // self.bs
-        if done <= seq.hashed // self.bs:
+        done = min(seq.computed, self._first_media(seq)) // self.bs
+        first = seq.hashed // self.bs
+        if done <= first:
             return
-        media = next((i for i, t in enumerate(seq.tokens) if t in self.media_ids), len(seq))
-        hashes = block_hashes(seq.tokens[:min(done * self.bs, media)], self.bs)
-        for i in range(seq.hashed // self.bs, len(hashes)):
+        # the chain continues from the last registered block's hash (0 before the first block)
+        start = seq.last_hash if first else 0
+        hashes = block_hashes(seq.tokens[first * self.bs:done * self.bs], self.bs, salt=start)
+        for i, h in enumerate(hashes, first):
             for kind, pool in self.pools.items():
                 if seq.blocks[kind][i] is not None:
-                    pool.register(seq.blocks[kind][i], hashes[i])
-        seq.hashed = done * self.bs
+                    pool.register(seq.blocks[kind][i], h)
+        seq.hashed, seq.last_hash = done * self.bs, hashes[-1]
 
     # ---------------------------------------------------------------- scheduling
     def add(self, seq: Sequence) -> None:

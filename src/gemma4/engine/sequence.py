@@ -25,7 +25,8 @@ class Sequence:
     status: Status = Status.WAITING
     computed: int = 0  # tokens whose K/V are in the cache (the rest is fed by the next forwards)
     blocks: dict = field(default_factory=lambda: {"full": [], "sliding": []})  # kind -> block ids (None: dropped)
-    hashed: int = 0  # full blocks whose hash is registered
+    hashed: int = 0  # tokens (whole blocks) whose blocks are registered in the prefix cache
+    last_hash: int = 0  # the chain hash of the last registered block
     finish_reason: str | None = None
     cancelled: bool = False
     arrival: int = 0  # admission order: the newest running sequence is preempted first
@@ -36,6 +37,14 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.prompt) + len(self.output)
+
+    def token_range(self, start: int, end: int) -> list[int]:
+        """tokens[start:end] without building the whole list (a decode step wants one token)."""
+        p = len(self.prompt)
+        if end <= p:
+            return self.prompt[start:end]
+        return self.prompt[start:] + self.output[max(0, start - p):end - p] if start < p \
+            else self.output[start - p:end - p]
 
     @property
     def uncomputed(self) -> int:

@@ -14,7 +14,6 @@ import uuid
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -75,13 +74,6 @@ def create_app(llm, model_name: str = "gemma4", api_key: str | None = None, poli
     state = ServerState(llm, model_name, api_key, policy or MediaPolicy(), max_waiting)
     app.state.gemma4 = state
 
-    @app.exception_handler(RequestValidationError)
-    async def bad_request(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        return error(400, f"{where}: {first.get('msg', 'invalid request')}" if where else
-                     f"invalid request: {first.get('msg', 'malformed JSON')}", param=where or None)
-
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):  # never a bare 500 page
         state.counters["requests_failed_total"] += 1
@@ -115,13 +107,18 @@ def create_app(llm, model_name: str = "gemma4", api_key: str | None = None, poli
                   f"gemma4_prefix_cache_tokens_total {engine.scheduler.cached_tokens}"]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
-    def check_model(body: Sampling):
+    async def accept(request: Request, schema: type[Sampling]):
+        """The request body validated, or the error response: 400 (bad body, unknown model), 429 (queue full)."""
+        body = await parse_body(request, schema)
+        if isinstance(body, JSONResponse):
+            return body
         if body.model not in (None, state.model_name):
             return error(400, f"model {body.model!r} is not served here (try {state.model_name!r})",
                          param="model")
         if state.served.busy():
             return error(429, "too many requests waiting; try again later", "rate_limit_error")
-        return None
+        state.counters["requests_total"] += 1
+        return body
 
     def sampling_params(body: Sampling, prompt_len: int, stop_ids, index: int) -> SamplingParams:
         llm = state.llm
@@ -179,12 +176,9 @@ def create_app(llm, model_name: str = "gemma4", api_key: str | None = None, poli
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await parse_body(request, ChatRequest)
+        body = await accept(request, ChatRequest)
         if isinstance(body, JSONResponse):
             return body
-        if (bad := check_model(body)) is not None:
-            return bad
-        state.counters["requests_total"] += 1
         try:
             req, media = await prepared(body)
             params = [sampling_params(body, len(req.prompt_ids), req.stop_ids, i) for i in range(body.n)]
@@ -266,12 +260,9 @@ def create_app(llm, model_name: str = "gemma4", api_key: str | None = None, poli
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await parse_body(request, CompletionRequest)
+        body = await accept(request, CompletionRequest)
         if isinstance(body, JSONResponse):
             return body
-        if (bad := check_model(body)) is not None:
-            return bad
-        state.counters["requests_total"] += 1
         llm = state.llm
         try:
             if isinstance(body.prompt, str):
