@@ -77,8 +77,7 @@ def worker_reference(args) -> dict:
 def decode_reads(model) -> list[tuple[int, object, int]]:
     """(bytes, product, input width) for every weight one decode step reads: each projection, and the tied
     embedding table as the LM head (MoE experts: only top-k run; the PLE table: one row)."""
-    import torch.nn.functional as F
-
+    from gemma4.model.text import matmul
     from gemma4.quant import QuantizedLinear
 
     text, reads = model.language_model, []
@@ -87,9 +86,9 @@ def decode_reads(model) -> list[tuple[int, object, int]]:
             reads.append((m.qweight.nbytes + m.scales.nbytes, m, m.scales.shape[1] * m.group_size))
         elif isinstance(m, torch.nn.Linear):
             reads.append((m.weight.nbytes, m, m.in_features))
-    if isinstance(text.embed_tokens, torch.nn.Embedding):
+    if isinstance(text.embed_tokens, torch.nn.Embedding):  # the LM head, through the engine's own product
         w = text.embed_tokens.weight
-        reads.append((w.nbytes, lambda x: F.linear(x, w), w.shape[1]))
+        reads.append((w.nbytes, lambda x: matmul(x, w), w.shape[1]))
     return reads
 
 
@@ -143,7 +142,7 @@ def worker_ours(args) -> dict:
     from gemma4.engine.sample import SamplingParams
 
     t = time.perf_counter()
-    model = gemma4.load(args.checkpoint, dtype="bfloat16", device="cpu")
+    model = gemma4.load(args.checkpoint, device="cpu")  # bf16; fp32 activations for a quantized one
     load = time.perf_counter() - t
     result = dict(engine="gemma4 " + (f"int{model.quantization['bits']}" if model.quantization else "bf16")
                   + (" compiled" if args.compile else ""), load_s=load)
@@ -168,10 +167,11 @@ def worker_ours(args) -> dict:
         result[f"prefill_gflops{key}"] = n * prefill_flops_per_token(model.config.text, n) / times[0] / 1e9
         if not key:
             result["decode_tok_s"] = 1 / statistics.median(times[1:])
+            result["rss_gb"] = peak_rss_gb()  # the reference's workload (this prompt); the long one adds its own
     from gemma4.engine.kv import KVCache
 
     result["kv_bytes"] = KVCache(model.config.text, 1, args.prompt_len + args.steps, model.dtype, "meta").nbytes
-    result["rss_gb"] = peak_rss_gb()
+    result["rss_gb_long"] = peak_rss_gb()
     nbytes, seconds = read_speed(model)
     result.update(decode_bytes=nbytes, read_gb_s=nbytes / seconds / 1e9, limit_tok_s=1 / seconds)
     result["fp32_peak_gflops"] = fp32_peak_gflops()
@@ -224,19 +224,24 @@ def main():
     if not args.no_compile:
         rows.append(run_worker("ours", args, args.checkpoint, compile=True))
     for bits in filter(None, args.quantize.split(",")):
-        rows.append(run_worker("ours", args, quantized_copy(args.checkpoint, bits), compile=not args.no_compile))
+        path = quantized_copy(args.checkpoint, bits)
+        if bits == "int4" or args.no_compile:  # int4 eager: the default path, next to llama.cpp's Q4_0
+            rows.append(run_worker("ours", args, path))
+        if not args.no_compile:
+            rows.append(run_worker("ours", args, path, compile=True))
     if not args.skip_reference:
         rows.append(run_worker("reference", args, args.checkpoint))
 
     print(f"\nE2B text, random weights, {args.threads} threads, prompt {args.prompt_len} tokens, "
           f"{args.steps} decode steps (median)\n")
     head = ("engine", "load s", f"prefill tok/s ({args.prompt_len})", f"prefill tok/s ({args.long_prompt})",
-            "decode tok/s", "peak RSS GB", "KV MB")
+            "decode tok/s", "peak RSS GB", f"peak RSS GB (+{args.long_prompt})", "KV MB")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
         cells = (r["engine"], f"{r['load_s']:.1f}", f"{r['prefill_tok_s']:.1f}",
                  f"{r['prefill_tok_s_long']:.1f}" if "prefill_tok_s_long" in r else "-",
-                 f"{r['decode_tok_s']:.2f}", f"{r['rss_gb']:.2f}", f"{r['kv_bytes'] / 1e6:.1f}")
+                 f"{r['decode_tok_s']:.2f}", f"{r['rss_gb']:.2f}",
+                 f"{r['rss_gb_long']:.2f}" if "prefill_tok_s_long" in r else "-", f"{r['kv_bytes'] / 1e6:.1f}")
         print("| " + " | ".join(cells) + " |")
     print("\n| weights | bytes read per decode step | kernel read speed | decode limit tok/s | ours | fraction |"
           "\n|---|---|---|---|---|---|")

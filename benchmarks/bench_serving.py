@@ -1,8 +1,8 @@
 """Serving engine: aggregate decode throughput of concurrent requests, and time to first token of a second
 chat turn that shares its prefix with the first (prefix cache), on the full-size E2B shape.
 
-    python benchmarks/bench_serving.py                                  # ckpt/e2b-text-int8 (bench_generate makes it)
-    python benchmarks/bench_serving.py --checkpoint ckpt/e2b-text --concurrency 1,4,8
+    python benchmarks/bench_serving.py                                  # ckpt/e2b-text (bench_generate makes it)
+    python benchmarks/bench_serving.py --checkpoint ckpt/e2b-text-int4 --concurrency 1,4,8
 
 Prints one table row per concurrency (median decode step, aggregate tok/s, ratio to one request) and the
 two TTFTs with their ratio. Targets (issue 4): 8 requests >= 5x one; second turn <= 25% of the first.
@@ -55,7 +55,7 @@ def ttft(engine, prompt: list[int], rid: str) -> tuple[float, list[int]]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=os.path.join(HERE, "..", "ckpt", "e2b-text-int8"))
+    ap.add_argument("--checkpoint", default=os.path.join(HERE, "..", "ckpt", "e2b-text"))
     ap.add_argument("--concurrency", default="1,8")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=16)
@@ -67,7 +67,7 @@ def main():
     import gemma4
     from gemma4.engine.engine import Engine
 
-    model = gemma4.load(args.checkpoint, dtype="bfloat16", device="cpu")
+    model = gemma4.load(args.checkpoint, device="cpu")  # bf16; fp32 activations for a quantized one
     fmt = f"int{model.quantization['bits']}" if model.quantization else "bf16"
     engine = Engine(model, max_seqs=16, stop_ids=())
     print(f"\nE2B text ({fmt} weights, random), {args.threads} threads, prompts of {args.prompt_len} tokens, "

@@ -174,3 +174,46 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch):
 def test_bad_inputs(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# (M rows of x, K, N): one row (the 4-accumulator path), 2-4 rows (pairs of weight rows, odd N leaves one
+# row alone), 5-16 rows (one weight row x 8), K not a multiple of 16 (the scalar tail), threads split at N=1001.
+BF16_CASES = [(1, 16, 5), (1, 40, 3), (2, 1536, 7), (3, 1536, 300), (4, 1536, 1001), (5, 48, 9),
+              (8, 6144, 101), (11, 1536, 64), (16, 72, 33)]
+
+
+@pytest.mark.parametrize("M,K,N", BF16_CASES)
+def test_bf16_kernel(kernel, M, K, N):
+    g = torch.Generator().manual_seed(M * K + N)
+    x, w = torch.randn(M, K, generator=g).bfloat16(), torch.randn(N, K, generator=g).bfloat16()
+    out = torch.ops.gemma4_kernels.gemv_bf16(x, w)
+    exact = x.double() @ w.double().T
+    assert out.dtype == torch.bfloat16 and out.shape == (M, N)
+    # fp32 accumulation, one rounding to bf16: within half a bf16 step (2^-9 relative) plus summation error
+    assert ((out.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-4 * K ** 0.5).all()
+
+
+def test_bf16_matmul_routes_decode_rows_to_the_kernel(kernel, monkeypatch):
+    from gemma4.model.text import matmul
+
+    w, calls = torch.randn(64, 128).bfloat16(), []
+    real = kernels.gemv_bf16
+    monkeypatch.setattr(kernels, "gemv_bf16", lambda x, w: calls.append(x.shape) or real(x, w))
+    for shape in [(1, 1, 128), (2, 3, 128), (16, 128), (1, 128)]:
+        x = torch.randn(shape).bfloat16()
+        out = matmul(x, w)
+        assert out.shape == (*shape[:-1], 64) and out.dtype == torch.bfloat16
+        assert rel(out, x.float() @ w.float().T) < 2 ** -8
+    assert calls == [(1, 1, 128), (2, 3, 128), (1, 128)]  # 16 rows: the fp32 GEMM
+    assert matmul(torch.randn(1, 128), w.float()).dtype == torch.float32  # fp32: plain F.linear
+
+
+@pytest.mark.parametrize("x,w,message", [
+    (torch.randn(1, 64), torch.randn(4, 64).bfloat16(), "x must be a contiguous 2-D bfloat16"),
+    (torch.randn(1, 64).bfloat16(), torch.randn(4, 64), "w must be a contiguous 2-D bfloat16"),
+    (torch.randn(1, 64).bfloat16(), torch.randn(4, 32).bfloat16(), "x has 64 features, the weight 32"),
+    (torch.randn(1, 64).bfloat16(), torch.randn(64, 4).bfloat16().T, "w must be a contiguous"),
+])
+def test_bf16_kernel_bad_inputs(kernel, x, w, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.gemma4_kernels.gemv_bf16(x, w)

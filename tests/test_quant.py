@@ -80,3 +80,39 @@ def test_bad_quantization_requests(ckpt, tmp_path):
         json.dump(cfg, f)
     with pytest.raises(gemma4.CheckpointError, match="quantization 'gptq' is not supported"):
         gemma4.load(other)
+
+
+def test_quantized_cpu_model_computes_in_fp32(ckpt, tmp_path):
+    """A bf16 checkpoint quantized (at load, or saved so) on a CPU: fp32 activations by default (the kernels
+    take them at the same speed; a CPU emulates bf16), the PLE table left in its stored dtype, scales fp16;
+    an explicit dtype wins."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, _ = ckpt("e2b", tame=True, text_only=True)
+    bf16 = str(tmp_path / "bf16")
+    shutil.copytree(src, bf16)
+    with open(os.path.join(bf16, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["dtype"] = "bfloat16"
+    with open(os.path.join(bf16, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    for name in os.listdir(bf16):
+        if name.endswith(".safetensors"):
+            file = os.path.join(bf16, name)
+            save_file({k: v.bfloat16() for k, v in load_file(file).items()}, file, metadata={"format": "pt"})
+    saved = str(tmp_path / "int4")
+    gemma4.LLM(bf16, device="cpu", quantize="int4").save_quantized(saved)
+    for model in (gemma4.load(bf16, device="cpu", quantize="int4"), gemma4.load(saved, device="cpu")):
+        text = model.language_model
+        assert model.dtype == torch.float32 and text.norm.weight.dtype == torch.float32
+        assert text.embed_tokens_per_layer.weight.dtype == torch.bfloat16
+        assert text.layers[0].mlp.up_proj.scales.dtype == torch.float16
+        assert text.embed_tokens.scales.dtype == torch.float16
+        ids = torch.randint(3, 512, (1, 9), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            assert model(ids).dtype == torch.float32
+    assert gemma4.load(bf16, device="cpu").dtype == torch.bfloat16  # float: the checkpoint's dtype
+    explicit = gemma4.load(bf16, device="cpu", quantize="int4", dtype="bfloat16")
+    assert explicit.dtype == torch.bfloat16 and explicit.language_model.norm.weight.dtype == torch.bfloat16

@@ -156,6 +156,7 @@ def _load():
     # Shapes for torch.compile, which traces the op without running it (the decode step can be compiled).
     torch.library.register_fake("gemma4_kernels::qgemv")(
         lambda x, qweight, scales, bits, group_size: x.new_empty(x.shape[0], qweight.shape[0]))
+    torch.library.register_fake("gemma4_kernels::gemv_bf16")(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
     return True
 
 
@@ -174,6 +175,13 @@ def qmatmul(x, qweight, scales, bits, group_size):
     else:
         out = _dequant_matmul(x2, qweight, scales, bits, group_size).to(x.dtype)
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], N)
+
+
+def gemv_bf16(x, w):
+    """x [..., K] bf16 @ w [N, K].T (bf16, CPU, kernel available: see `model.text.matmul`) -> [..., N] bf16."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    out = torch.ops.gemma4_kernels.gemv_bf16(x2, w.contiguous())
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], w.shape[0])
 
 
 def _dequant_matmul(x2, qweight, scales, bits, group_size):
