@@ -116,3 +116,7 @@ def test_quantized_cpu_model_computes_in_fp32(ckpt, tmp_path):
     assert gemma4.load(bf16, device="cpu").dtype == torch.bfloat16  # float: the checkpoint's dtype
     explicit = gemma4.load(bf16, device="cpu", quantize="int4", dtype="bfloat16")
     assert explicit.dtype == torch.bfloat16 and explicit.language_model.norm.weight.dtype == torch.bfloat16
+    # an fp32 checkpoint quantized into bf16 activations: the RoPE tables stay fp32 (computed, not loaded)
+    fp32_to_bf16 = gemma4.load(src, device="cpu", quantize="int4", dtype="bfloat16")
+    assert fp32_to_bf16.language_model.norm.weight.dtype == torch.bfloat16
+    assert all(b.dtype == torch.float32 for n, b in fp32_to_bf16.named_buffers() if "inv_freq" in n)

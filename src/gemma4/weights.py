@@ -168,9 +168,7 @@ def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None 
                     raise CheckpointError(f"{os.path.basename(file)}: tensor {key!r} has shape {shape}, "
                                           f"the config needs {tuple(wanted[name].shape)}")
                 t = f.get_tensor(key)
-                keep_dtype = not t.is_floating_point() or t.dtype == torch.float16 and name.endswith(".scales") \
-                    or name.endswith("embed_tokens_per_layer.weight")
-                state[name] = t.to(device=device, dtype=None if keep_dtype else read_dtype)
+                state[name] = t.to(device=device, dtype=None if _keeps_stored_dtype(name, t) else read_dtype)
     missing = sorted(set(wanted) - set(state))
     if missing:
         raise CheckpointError(f"{ckpt}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
@@ -182,17 +180,25 @@ def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None 
         from .quant import QuantizedLinear, quantize_model
 
         quantize_model(model, bits, group_size)
-        if dtype != read_dtype:
-            for module_name, module in model.named_modules():
-                if module_name.endswith("embed_tokens_per_layer"):
-                    continue  # the PLE table keeps its stored dtype
+        if dtype != read_dtype:  # what stayed float (norms, scalars, the router, the towers) -> dtype
+            for name, t in model.state_dict().items():  # persistent tensors: not the fp32 RoPE tables
+                if not _keeps_stored_dtype(name, t) and t.dtype != dtype:
+                    module_name, _, attr = name.rpartition(".")
+                    module = model.get_submodule(module_name)
+                    cast = t.to(dtype)
+                    setattr(module, attr, nn.Parameter(cast, requires_grad=False)
+                            if isinstance(getattr(module, attr), nn.Parameter) else cast)
+            for module in model.modules():
                 if isinstance(module, QuantizedLinear):
                     module.dtype = dtype  # what its embedding lookups dequantize to
-                for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-                    if t.is_floating_point() and not name == "scales":
-                        setattr(module, name, nn.Parameter(t.to(dtype), requires_grad=False)
-                                if isinstance(t, nn.Parameter) else t.to(dtype))
     return model.eval()
+
+
+def _keeps_stored_dtype(name: str, t: torch.Tensor) -> bool:
+    """Tensors that are not converted to the model dtype: integers (quantized weights), fp16 quantization
+    scales, and the PLE table (looked up, memory-mapped)."""
+    return not t.is_floating_point() or t.dtype == torch.float16 and name.endswith(".scales") \
+        or name.endswith("embed_tokens_per_layer.weight")
 
 
 def _has_towers(files: list[str], config: ModelConfig) -> bool:

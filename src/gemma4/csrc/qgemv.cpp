@@ -400,7 +400,7 @@ void dot_bf16(const uint16_t* w, const uint16_t* xi, int64_t M, int64_t m0, int6
 constexpr int BR = 8;  // activation rows per bf16 tile
 using Bf16Fn = void (*)(const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t, float*);
 // [r]: the tile for r rows of x over two weight rows (r <= 4) or one
-constexpr Bf16Fn kBf16Pair[BR + 1] = {nullptr, dot_bf16<2, 1>, dot_bf16<2, 2>, dot_bf16<2, 3>, dot_bf16<2, 4>};
+constexpr Bf16Fn kBf16Pair[BR / 2 + 1] = {nullptr, dot_bf16<2, 1>, dot_bf16<2, 2>, dot_bf16<2, 3>, dot_bf16<2, 4>};
 constexpr Bf16Fn kBf16One[BR + 1] = {nullptr,         dot_bf16<1, 1>, dot_bf16<1, 2>, dot_bf16<1, 3>, dot_bf16<1, 4>,
                                      dot_bf16<1, 5>, dot_bf16<1, 6>, dot_bf16<1, 7>, dot_bf16<1, 8>};
 
