@@ -26,15 +26,15 @@ def make_checkpoint(out: str, bits: int = 4, group_size: int = 32) -> None:
     from safetensors.torch import save_file
 
     from gemma4.config import parse_config
-    from gemma4.model import Gemma4
+    from gemma4.model import empty_model
     from gemma4.quant import QUANT_METHOD, quantize_structure
 
     with open(CONFIG) as f:
         text = dict(json.load(f)["text_config"], model_type="gemma4_text")
     text["quantization_config"] = {"quant_method": QUANT_METHOD, "bits": bits, "group_size": group_size}
     config = parse_config({k: v for k, v in text.items() if k != "quantization_config"})
+    model = empty_model(config)
     with torch.device("meta"):
-        model = Gemma4(config)
         quantize_structure(model.language_model, bits, group_size, torch.bfloat16)
     os.makedirs(out, exist_ok=True)
     gen = torch.Generator().manual_seed(0)

@@ -217,3 +217,59 @@ def test_bf16_matmul_routes_decode_rows_to_the_kernel(kernel, monkeypatch):
 def test_bf16_kernel_bad_inputs(kernel, x, w, message):
     with pytest.raises(RuntimeError, match=message):
         torch.ops.gemma4_kernels.gemv_bf16(x, w)
+
+
+# (shape of x, dtype, with a weight): rows of 256 / 512 / 1536 (Gemma 4's head dims and E2B's width), a width
+# that is not a multiple of 8 (the scalar tail), many rows (split over threads), bf16 and fp32, v_norm's no-weight.
+NORM_CASES = [((1, 1, 1536), torch.bfloat16, True), ((1, 8, 256), torch.bfloat16, True),
+              ((1, 1, 512), torch.bfloat16, False), ((512, 35, 256), torch.bfloat16, True),
+              ((3, 7, 13), torch.float32, True), ((2, 5, 1536), torch.float32, False), ((4096, 40), torch.float32, True)]
+
+
+@pytest.mark.parametrize("shape,dtype,with_weight", NORM_CASES)
+def test_rms_norm_kernel_matches_the_reference(kernel, shape, dtype, with_weight):
+    """Against transformers' Gemma4RMSNorm: fp32 within 3 ulp (the sum of squares is taken in another
+    order); bf16 identical but for rare 1-ulp roundings of values that fall on a bf16 midpoint."""
+    Gemma4RMSNorm = pytest.importorskip("transformers.models.gemma4.modeling_gemma4").Gemma4RMSNorm
+    g = torch.Generator().manual_seed(shape[-1] * len(shape))
+    x = (torch.randn(shape, generator=g) * 3).to(dtype)
+    ref = Gemma4RMSNorm(shape[-1], eps=1e-6, with_scale=with_weight).to(dtype)
+    if with_weight:
+        ref.weight.data = (torch.rand(shape[-1], generator=g) + 0.5).to(dtype)
+    with torch.no_grad():
+        expected = ref(x)
+    out = kernels.rms_norm(x, ref.weight if with_weight else None, 1e-6)
+    assert out.dtype == dtype and out.shape == x.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, expected, rtol=3 * 2 ** -23, atol=1e-7)
+    else:
+        assert (out != expected).float().mean() < 1e-3
+        assert ((out.float() - expected.float()).abs() <= expected.float().abs() * 2 ** -7).all()
+
+
+def test_rms_norm_routes_to_the_kernel(kernel, monkeypatch):
+    """CPU fp32/bf16 without autograd: the kernel; a tensor that needs gradients or a dtype it does not take:
+    F.rms_norm (a training step gets gradients, fp16 still works)."""
+    from gemma4.model.text import RMSNorm
+
+    calls = []
+    real = kernels.rms_norm
+    monkeypatch.setattr(kernels, "rms_norm", lambda x, w, eps: calls.append(x.dtype) or real(x, w, eps))
+    norm = RMSNorm(64, 1e-6).requires_grad_(False)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        out = norm.to(dtype)(torch.randn(2, 64).to(dtype))
+        assert out.dtype == dtype
+    x = torch.randn(2, 64, requires_grad=True)
+    norm.float()(x).sum().backward()
+    assert calls == [torch.float32, torch.bfloat16] and x.grad is not None
+
+
+@pytest.mark.parametrize("x,w,message", [
+    (torch.randn(2, 64).half(), None, "x must be a contiguous float32 or bfloat16"),
+    (torch.randn(64, 2).T, None, "x must be a contiguous"),
+    (torch.randn(2, 64), torch.randn(32), "weight must be a contiguous 1-D float32 or bfloat16 CPU tensor of 64"),
+    (torch.randn(2, 64), torch.randn(64).half(), "weight must be"),
+])
+def test_rms_norm_kernel_bad_inputs(kernel, x, w, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.gemma4_kernels.rms_norm(x, w, 1e-6)

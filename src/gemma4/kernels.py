@@ -157,6 +157,7 @@ def _load():
     torch.library.register_fake("gemma4_kernels::qgemv")(
         lambda x, qweight, scales, bits, group_size: x.new_empty(x.shape[0], qweight.shape[0]))
     torch.library.register_fake("gemma4_kernels::gemv_bf16")(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
+    torch.library.register_fake("gemma4_kernels::rms_norm")(lambda x, weight, eps: torch.empty_like(x))
     return True
 
 
@@ -182,6 +183,11 @@ def gemv_bf16(x, w):
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     out = torch.ops.gemma4_kernels.gemv_bf16(x2, w.contiguous())
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], w.shape[0])
+
+
+def rms_norm(x, weight, eps):
+    """Gemma's RMSNorm over the last dim of x (fp32/bf16 CPU; see `model.text.RMSNorm`) in one op."""
+    return torch.ops.gemma4_kernels.rms_norm(x.contiguous(), weight, eps)
 
 
 def _dequant_matmul(x2, qweight, scales, bits, group_size):

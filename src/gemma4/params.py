@@ -11,11 +11,9 @@ counted in closed form, from transformers' Gemma4VisionModel / Gemma4AudioModel 
 """
 from __future__ import annotations
 
-import torch
-
 from .config import ModelConfig
 from .engine.kv import KVCache, kv_bytes_per_token
-from .model import Gemma4
+from .model import empty_model
 from .weights import resolve_dtype
 
 
@@ -58,8 +56,7 @@ def count_params(config: ModelConfig, context: int | None = None, dtype=None) ->
     """Parameter counts (see the module docstring), and the K/V cache of one `context`-token sequence
     (default: max_position_embeddings) at `dtype` (default: the checkpoint's)."""
     text = config.text
-    with torch.device("meta"):
-        model = Gemma4(config).language_model
+    model = empty_model(config).language_model
     state = model.state_dict()  # parameters and persistent buffers; a tied LM head is not a separate tensor
     params_text = sum(t.numel() for t in state.values())
     experts = sum(t.numel() for name, t in state.items() if ".experts." in name)

@@ -9,15 +9,17 @@ still carry on KV-shared layers. Anything else missing, unexpected or mis-shaped
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
+import struct
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
 from .config import ModelConfig, load_config
-from .model import Gemma4
+from .model import Gemma4, empty_model
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64,
            "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -138,8 +140,7 @@ def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None 
     files = safetensors_files(ckpt)
     if media is None:
         media = _has_towers(files, config)
-    with torch.device("meta"):
-        model = Gemma4(config, media=bool(media))
+    model = empty_model(config, media=bool(media))
     if saved_quant:
         from .quant import quantize_structure
 
@@ -150,6 +151,7 @@ def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None 
     wanted = model.state_dict()  # parameters and persistent buffers (layer_scalar, quantized weights)
     shared = {s.index for s in config.text.layers if s.kv_shared}
     state: dict[str, torch.Tensor] = {}
+    ple_pages = None
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
             for key in f.keys():
@@ -167,6 +169,9 @@ def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None 
                 if shape != tuple(wanted[name].shape):
                     raise CheckpointError(f"{os.path.basename(file)}: tensor {key!r} has shape {shape}, "
                                           f"the config needs {tuple(wanted[name].shape)}")
+                if name.endswith("embed_tokens_per_layer.weight") and device.type == "cpu" and _CAN_DROP_PAGES:
+                    state[name], ple_pages = _mapped_tensor(file, key)
+                    continue
                 t = f.get_tensor(key)
                 state[name] = t.to(device=device, dtype=None if _keeps_stored_dtype(name, t) else read_dtype)
     missing = sorted(set(wanted) - set(state))
@@ -174,6 +179,8 @@ def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None 
         raise CheckpointError(f"{ckpt}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     model.load_state_dict(state, strict=False, assign=True)
     model.init_buffers(device)
+    if ple_pages is not None:
+        model.language_model.ple_pages = ple_pages
     model.requires_grad_(False)
     model.quantization = saved_quant
     if bits:
@@ -192,6 +199,29 @@ def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None 
                 if isinstance(module, QuantizedLinear):
                     module.dtype = dtype  # what its embedding lookups dequantize to
     return model.eval()
+
+
+_CAN_DROP_PAGES = hasattr(mmap, "MADV_DONTNEED") and hasattr(mmap.mmap, "madvise")
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def _mapped_tensor(file: str, key: str) -> tuple[torch.Tensor, mmap.mmap]:
+    """One tensor of a safetensors file through a memory map of its own (copy-on-write: never written), so
+    that its pages can be dropped after reading (`TextModel.release_ple_rows`). Safetensors' own map covers
+    the whole file; dropping pages there could not be confined to one tensor."""
+    with open(file, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        entry = json.loads(fh.read(header_len))[key]
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{os.path.basename(file)}: tensor {key!r} has dtype {entry['dtype']}, "
+                                  f"expected one of {sorted(_SAFETENSORS_DTYPES)}")
+        begin, end = entry["data_offsets"]
+        start = 8 + header_len + begin
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        pages = mmap.mmap(fh.fileno(), end - begin + start - aligned, access=mmap.ACCESS_COPY, offset=aligned)
+    t = torch.frombuffer(pages, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start - aligned)
+    return t.view(entry["shape"]), pages
 
 
 def _keeps_stored_dtype(name: str, t: torch.Tensor) -> bool:

@@ -28,6 +28,21 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"token id {lo if lo < 0 else hi} is out of range [0, {vocab_size})")
 
 
+def empty_model(config: ModelConfig, media: bool = True) -> Gemma4:
+    """The module tree on the meta device, to be filled from a checkpoint, without the default random init.
+    On meta that init computes nothing, but its first random op imports torch's Python meta kernels: ~800
+    modules, +70 MB of resident memory for the whole run (E2B bf16 peak RSS 4.94 -> 4.82 GB)."""
+    skipped = {name: getattr(nn.init, name) for name in ("uniform_", "normal_", "kaiming_uniform_", "trunc_normal_")}
+    try:
+        for name in skipped:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            return Gemma4(config, media=media)
+    finally:
+        for name, fn in skipped.items():
+            setattr(nn.init, name, fn)
+
+
 class Gemma4(nn.Module):
     """`model(input_ids, attention_mask)` -> logits [B, S, vocab], as the reference's
     Gemma4ForConditionalGeneration (or Gemma4ForCausalLM for a text-only checkpoint) computes them."""
