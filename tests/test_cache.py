@@ -105,3 +105,34 @@ def test_compiled_decode_matches_eager(ckpt):
     got = compiled.generate(prompts, **dict(kw, stop_token_ids=[stop]))
     want = eager.generate(prompts, **dict(kw, stop_token_ids=[stop]))
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
+
+
+# (new tokens T, cached keys before them, sliding window or None, padded rows): a causal prompt, one after a
+# rotated ring of cached keys, sliding windows narrower and wider than a block, left padding of one row.
+BLOCK_CASES = [(600, 0, None, 0), (600, 0, 100, 0), (700, 300, 512, 0), (513, 40, 8, 0), (300, 0, None, 37)]
+
+
+@pytest.mark.parametrize("T,cached,window,pad", BLOCK_CASES)
+def test_prefill_attention_blocks_equal_one_call(T, cached, window, pad):
+    """A long prompt's attention by 256-query blocks over the keys each block sees == one SDPA call over all
+    keys and the whole mask (float64)."""
+    from gemma4.model.text import prefill_attention
+
+    g = torch.Generator().manual_seed(T + cached)
+    B, H, K, D = 2, 4, 2, 16
+    q = torch.randn(B, H, T, D, dtype=torch.float64, generator=g)
+    k, v = (torch.randn(B, K, cached + T, D, dtype=torch.float64, generator=g) for _ in range(2))
+    # cached keys sit in a rotated ring (positions out of order), then the new tokens
+    ring = torch.roll(torch.arange(cached), cached // 3)
+    key_pos = torch.cat([ring, torch.arange(cached, cached + T)])[None].expand(B, -1).clone()
+    key_pos[1, cached:cached + pad] = -1  # row 1: padding keys
+    q_pos = torch.arange(cached, cached + T)[None, :, None]
+    mask = (key_pos[:, None] >= 0) & (key_pos[:, None] <= q_pos)
+    if window:
+        mask &= key_pos[:, None] > q_pos - window
+    mask[1, :pad] = False
+    mask[1, :pad, 0] = True  # padded queries see one key (no all-masked row)
+    mask = mask[:, None]
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,
+                                                                enable_gqa=True)
+    torch.testing.assert_close(prefill_attention(q, k, v, mask), expected, rtol=0, atol=1e-10)

@@ -169,8 +169,10 @@ def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None 
                 if shape != tuple(wanted[name].shape):
                     raise CheckpointError(f"{os.path.basename(file)}: tensor {key!r} has shape {shape}, "
                                           f"the config needs {tuple(wanted[name].shape)}")
-                if name.endswith("embed_tokens_per_layer.weight") and device.type == "cpu" and _CAN_DROP_PAGES:
-                    state[name], ple_pages = _mapped_tensor(file, key)
+                mapped = _mapped_tensor(file, key) if name.endswith("embed_tokens_per_layer.weight") \
+                    and device.type == "cpu" and _CAN_DROP_PAGES else None
+                if mapped is not None:
+                    state[name], ple_pages = mapped
                     continue
                 t = f.get_tensor(key)
                 state[name] = t.to(device=device, dtype=None if _keeps_stored_dtype(name, t) else read_dtype)
@@ -205,17 +207,16 @@ _CAN_DROP_PAGES = hasattr(mmap, "MADV_DONTNEED") and hasattr(mmap.mmap, "madvise
 _SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
-def _mapped_tensor(file: str, key: str) -> tuple[torch.Tensor, mmap.mmap]:
+def _mapped_tensor(file: str, key: str) -> tuple[torch.Tensor, mmap.mmap] | None:
     """One tensor of a safetensors file through a memory map of its own (copy-on-write: never written), so
     that its pages can be dropped after reading (`TextModel.release_ple_rows`). Safetensors' own map covers
-    the whole file; dropping pages there could not be confined to one tensor."""
+    the whole file; dropping pages there could not be confined to one tensor. None for another dtype."""
     with open(file, "rb") as fh:
         (header_len,) = struct.unpack("<Q", fh.read(8))
         entry = json.loads(fh.read(header_len))[key]
         dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
         if dtype is None:
-            raise CheckpointError(f"{os.path.basename(file)}: tensor {key!r} has dtype {entry['dtype']}, "
-                                  f"expected one of {sorted(_SAFETENSORS_DTYPES)}")
+            return None
         begin, end = entry["data_offsets"]
         start = 8 + header_len + begin
         aligned = start - start % mmap.ALLOCATIONGRANULARITY
