@@ -39,6 +39,21 @@ def test_greedy_32_tokens_match_reference(ckpt, shape):
     assert out.finish_reason == "length"
 
 
+@pytest.mark.parametrize("shape", ["e2b", "31b"])
+def test_long_prompt_matches_reference(ckpt, shape):
+    """A 600-token prompt: prefill attention runs by 256-query blocks over the keys each block sees
+    (model.text.prefill_attention), cache-free and through the engine's cache."""
+    path, ref = ckpt(shape)
+    ids = prompt(600)
+    model = gemma4.load(path, dtype="float32", device="cpu")
+    with torch.no_grad():
+        assert_close(model(ids), ref(input_ids=ids).logits)
+    expected = ref.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    [out] = gemma4.LLM(path, dtype="float32", device="cpu").generate([ids[0].tolist()], max_new_tokens=8,
+                                                                      stop_token_ids=[])
+    assert out.token_ids == expected[0, 600:].tolist()
+
+
 @pytest.mark.parametrize("shape", ["e2b", "26b"])
 def test_padded_batch(ckpt, shape):
     path, ref = ckpt(shape)

@@ -123,7 +123,7 @@ def prefill_attention(q, k, v, mask, block: int = 256):
     out = []
     for t0 in range(0, T, block):
         m = mask[:, :, t0:t0 + block]
-        seen = m.any(dim=2).any(dim=0).any(dim=0).nonzero()  # keys that some query of the block sees
+        seen = m.any(dim=(0, 1, 2)).nonzero()  # keys that some query of the block sees
         lo, hi = (seen[0].item(), seen[-1].item() + 1) if len(seen) else (0, k.shape[2])
         out.append(F.scaled_dot_product_attention(q[:, :, t0:t0 + block], k[:, :, lo:hi], v[:, :, lo:hi],
                                                   attn_mask=m[..., lo:hi], scale=1.0, enable_gqa=gqa))
@@ -300,11 +300,11 @@ class TextModel(nn.Module):
         if cfg.ple_dim:
             L, P = cfg.num_layers, cfg.ple_dim
             self.embed_tokens_per_layer = nn.Embedding(cfg.ple_vocab_size, L * P)
-            # The table's own memory map, when weights.load maps it from the file (CPU): after a lookup its
-            # pages are dropped from this process (see `release_ple_rows`).
-            self.ple_pages: mmap.mmap | None = None
             self.per_layer_model_projection = Linear(E, L * P)
             self.per_layer_projection_norm = RMSNorm(P, cfg.rms_norm_eps)
+        # The PLE table's own memory map, when weights.load maps it from the file (CPU): after a lookup its
+        # pages are dropped from this process (see `release_ple_rows`).
+        self.ple_pages: mmap.mmap | None = None
         self.layers = nn.ModuleList(DecoderLayer(cfg, s) for s in cfg.layers)
         self.donors = frozenset(s.kv_source for s in cfg.layers if s.kv_shared)
         self.norm = RMSNorm(E, cfg.rms_norm_eps)
@@ -332,7 +332,7 @@ class TextModel(nn.Module):
         around each 18 KB row it reads (fault-around), so every distinct token kept ~64 KB resident: +45 MB
         for a 512-token prompt, and a long-running server would end up with the whole 4.7 GB table in its
         RSS. The pages stay in the page cache (clean, shared, reclaimable); a later read maps them again."""
-        if getattr(self, "ple_pages", None) is not None:
+        if self.ple_pages is not None:
             self.ple_pages.madvise(mmap.MADV_DONTNEED)
 
     def per_layer_inputs(self, ple_ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
