@@ -1,6 +1,6 @@
 """Decode-step matmul throughput: our int4/int8 kernels vs bf16 F.linear and PyTorch's packed kernels.
 
-    python benchmarks/bench_kernels.py [--threads 2] [--rows 1 8] [--group-size 32] [--quick]
+    python benchmarks/bench_kernels.py [--threads 2] [--rows 1 8] [--group-size 64] [--quick]
 
 GB/s counts the bytes of weights each call must read (packed weights + scales), so it is comparable with the
 machine's read bandwidth, measured first by an fp32 GEMV.  Every measurement cycles through distinct weight
@@ -80,7 +80,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--group-size", type=int, default=32)
+    p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--methods", nargs="+", default=["bf16 F.linear", "int8 (ours)", "int4 (ours)",
                                                        "torch int8pack", "torch int4pack"])
     p.add_argument("--quick", action="store_true", help="skip the [262144, 1536] embedding-sized shape")

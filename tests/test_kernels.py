@@ -15,7 +15,8 @@ ROUNDTRIP = {(4, 32): 0.085, (4, 64): 0.094, (4, 128): 0.101,
 # (K, N): K from one block to the E2B MLP width (odd block counts exercise the unpaired int4 block);
 # N not a multiple of 8; N * K large enough at 1536 x 1000 for the kernel to split rows across threads.
 SHAPES = [(32, 37), (64, 37), (96, 13), (1536, 300), (1536, 1000), (6144, 101)]
-CASES = [(bits, gs, K, N) for bits in (4, 8) for gs in (32, 64, 128) for K, N in SHAPES if K % gs == 0]
+# Group sizes: one scale per 32-block, and 2, 3 (the scalar path), 4 and 8 blocks per scale.
+CASES = [(bits, gs, K, N) for bits in (4, 8) for gs in (32, 64, 96, 128, 256) for K, N in SHAPES if K % gs == 0]
 
 # The kernel rounds activations to int8 per 32-block (step amax/127, ~0.017 sigma for a Gaussian block),
 # ~0.5% relative RMS on the output; small outputs (37 values) fluctuate up to 0.8% (measured).
@@ -56,7 +57,7 @@ def test_roundtrip_error(bits, group_size):
 def test_int4_layout():
     """Byte j of a 32-block: element j in the low nibble, element j + 16 in the high nibble, both offset by +8."""
     vals = torch.arange(64).remainder(16).sub(8).float().reshape(1, 64)  # -8..7 twice: exact with scale 1
-    q, s = quantize(vals, 4)
+    q, s = quantize(vals, 4, 32)
     assert s.tolist() == [[1.0, 1.0]]
     b = q.reshape(2, 16)
     v = vals.reshape(2, 32).to(torch.int64) + 8
@@ -68,7 +69,7 @@ def test_zero_groups():
     w = torch.zeros(3, 64)
     w[1, 32:] = torch.randn(32)
     for bits in (4, 8):
-        q, s = quantize(w, bits)
+        q, s = quantize(w, bits, 32)
         assert torch.isfinite(s.float()).all() and s[0].tolist() == [0.0, 0.0]
         assert torch.equal(dequantize(q, s, bits, 32)[0], w[0])
 
@@ -119,7 +120,7 @@ def test_dequantize_kernel_is_exact(kernel, bits, group_size, monkeypatch):
 def test_many_rows_use_dequantized_gemm(bits, slice_bytes, monkeypatch):
     """More than 16 rows (prefill) go through the fp32 GEMM, by weight slices: exact, unlike the kernel's ~0.5%."""
     monkeypatch.setattr(kernels, "_DEQUANT_SLICE", slice_bytes)  # 1000: slices of 7 / 3 rows, a ragged last one
-    q, s = quantize(torch.randn(64, 256), bits)
+    q, s = quantize(torch.randn(64, 256), bits, 32)
     wd = dequantize(q, s, bits, 32)
     x = torch.randn(3, 7, 256)  # 21 rows after flattening
     out = qmatmul(x, q, s, bits, 32)
@@ -132,7 +133,7 @@ def test_many_rows_use_dequantized_gemm(bits, slice_bytes, monkeypatch):
 
 
 def test_leading_dims(kernel):
-    q, s = quantize(torch.randn(40, 128), 4)
+    q, s = quantize(torch.randn(40, 128), 4, 32)
     x = torch.randn(2, 1, 128, dtype=torch.bfloat16)
     out = qmatmul(x, q, s, 4, 32)
     assert out.shape == (2, 1, 40) and out.dtype == torch.bfloat16
@@ -143,7 +144,7 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch):
     monkeypatch.delenv("GEMMA4_NO_KERNELS", raising=False)
     monkeypatch.setattr(kernels, "_build", None)
     monkeypatch.setattr(kernels, "_load", lambda: "build failed: no compiler")
-    q, s = quantize(torch.randn(8, 64), 8)
+    q, s = quantize(torch.randn(8, 64), 8, 32)
     x = torch.randn(1, 64)
     with pytest.warns(RuntimeWarning, match="no compiler.*slower"):
         out = qmatmul(x, q, s, 8, 32)
@@ -167,7 +168,7 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch):
      "int8"),
     (lambda: qmatmul(torch.randn(1, 64), torch.zeros(4, 32, dtype=torch.uint8), torch.ones(4, 2), 4, 32),
      "scales must be float16"),
-    (lambda: qmatmul(torch.randn(1, 32), *quantize(torch.randn(4, 64), 4), 4, 32), "32 input features .* K=64"),
+    (lambda: qmatmul(torch.randn(1, 32), *quantize(torch.randn(4, 64), 4, 32), 4, 32), "32 input features .* K=64"),
     (lambda: qmatmul(torch.randn(1, 64), quantize(torch.randn(4, 64), 4)[0], torch.ones(4, 1).half(), 4, 32),
      r"scales must be float16 \[N, K // group_size\] = \[4, 2\]"),
 ])

@@ -16,6 +16,7 @@ from importlib import resources
 from . import __version__
 from .config import ConfigError, ModelConfig, load_config
 from .engine.sample import SamplingParams
+from .kernels import DEFAULT_GROUP_SIZE
 from .llm import LLM, TINY_NOTICE
 from .params import count_params
 from .weights import CheckpointError, resolve_checkpoint, resolve_device, resolve_dtype
@@ -300,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face hub id")
     p.add_argument("--to", choices=["int8", "int4"], required=True)
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--group-size", type=int, default=32, help="weights per scale (a multiple of 32)")
+    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+                   help=f"weights per scale (a multiple of 32; default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--dtype", help="dtype of the float weights kept (norms...; default: the checkpoint's)")
     p.set_defaults(func=cmd_quantize)
 

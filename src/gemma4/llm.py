@@ -11,6 +11,7 @@ from importlib import resources
 import torch
 
 from .config import parse_config
+from .kernels import DEFAULT_GROUP_SIZE
 from .engine import runner
 from .engine.sample import DEFAULT_STOP_TOKEN_IDS, SamplingParams
 from .model import Gemma4
@@ -74,7 +75,7 @@ def _stop_ids(ckpt: str | None) -> tuple[int, ...]:
 
 class LLM:
     def __init__(self, path: str | os.PathLike | None = None, dtype=None, device=None,
-                 quantize: str | None = None, group_size: int = 32, compile: bool = False,
+                 quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE, compile: bool = False,
                  kv_memory: int | None = None, max_seqs: int = 16, prefill_chunk: int = 512):
         """`path`: checkpoint directory or hub id (None: the built-in tiny random model). `quantize`:
         "int8" / "int4" weight-only, done at load (or load a checkpoint saved by `save_quantized`).

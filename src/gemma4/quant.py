@@ -115,7 +115,7 @@ def quantize_structure(text: TextModel, bits: int, group_size: int, dtype: torch
 
 
 @torch.no_grad()
-def quantize_model(model, bits: int, group_size: int = 32):
+def quantize_model(model, bits: int, group_size: int = kernels.DEFAULT_GROUP_SIZE):
     """Quantize a loaded float `Gemma4` in place (weights are quantized one matrix at a time)."""
     text = model.language_model
     originals = quantize_structure(text, bits, group_size, model.dtype)

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .config import ModelConfig, load_config
+from .kernels import DEFAULT_GROUP_SIZE
 from .model import Gemma4, empty_model
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64,
@@ -108,7 +109,7 @@ def resolve_device(device) -> torch.device:
 
 
 def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None = None,
-         group_size: int = 32, media: bool | None = None) -> Gemma4:
+         group_size: int = DEFAULT_GROUP_SIZE, media: bool | None = None) -> Gemma4:
     """Load a checkpoint directory or hub id -> `Gemma4` in eval mode.
 
     `media`: build and load the vision / audio towers the config describes. None (default): when the files

@@ -386,8 +386,11 @@ class TextModel(nn.Module):
             kind = "sliding" if spec.sliding else "full"
             cos, sin = rope[kind]
             if i == cfg.first_shared_layer and keep is not None:
-                x, positions, ple = x[:, keep], positions[:, keep], ple[:, keep] if ple is not None else None
-                rope = {kd: (c[:, keep], s[:, keep]) for kd, (c, s) in rope.items()}
+                # Copies, not views: the prompt-sized tensors are freed here, before the shared layers (a
+                # 512-token prefill of E2B in fp32 held 21 MB of PLE inputs and RoPE tables to the end).
+                x, positions = x[:, keep].clone(), positions[:, keep]
+                ple = ple[:, keep].clone() if ple is not None else None
+                rope = {kd: (c[:, keep].clone(), s[:, keep].clone()) for kd, (c, s) in rope.items()}
                 cos, sin = rope[kind]
                 shared = {j: (k, v, m[:, :, keep]) for j, (k, v, m) in shared.items()}
             x_normed = layer.input_layernorm(x)
