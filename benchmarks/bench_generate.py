@@ -191,8 +191,12 @@ def run_worker(kind: str, args, checkpoint: str, compile: bool = False, long_pro
 
 
 def quantized_copy(checkpoint: str, bits: str) -> str:
+    """The checkpoint quantized with the default format (made again if an older copy has another group size)."""
+    from gemma4.kernels import DEFAULT_GROUP_SIZE
+
     out = checkpoint.rstrip("/") + f"-{bits}"
-    if not os.path.isfile(os.path.join(out, "config.json")):
+    config = os.path.join(out, "config.json")
+    if not os.path.isfile(config) or json.load(open(config))["quantization_config"]["group_size"] != DEFAULT_GROUP_SIZE:
         import gemma4
 
         print(f"quantizing {checkpoint} to {bits} -> {out}", file=sys.stderr)

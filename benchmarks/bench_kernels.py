@@ -44,6 +44,8 @@ def make(method, N, K, gs):
     """(fn, weight-bytes per call, a function making one argument tuple minus x)."""
     if method == "bf16 F.linear":
         return F.linear, N * K * 2, lambda: (torch.randn(N, K, dtype=torch.bfloat16),)
+    if method == "bf16 (ours)":
+        return kernels.gemv_bf16, N * K * 2, lambda: (torch.randn(N, K, dtype=torch.bfloat16),)
     if method in ("int8 (ours)", "int4 (ours)"):
         bits = 8 if method.startswith("int8") else 4
         nbytes = N * K * bits // 8 + N * (K // gs) * 2
@@ -81,7 +83,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", type=int, nargs="+", default=[1, 8])
     p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--methods", nargs="+", default=["bf16 F.linear", "int8 (ours)", "int4 (ours)",
+    p.add_argument("--methods", nargs="+", default=["bf16 F.linear", "bf16 (ours)", "int8 (ours)", "int4 (ours)",
                                                        "torch int8pack", "torch int4pack"])
     p.add_argument("--quick", action="store_true", help="skip the [262144, 1536] embedding-sized shape")
     args = p.parse_args()
