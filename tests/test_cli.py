@@ -180,6 +180,8 @@ def test_quantize_then_generate(ckpt, tmp_path, capsys):
     out = str(tmp_path / "int4")
     assert main(["quantize", "--model", path, "--to", "int4", "--out", out]) == 0
     assert "wrote int4 checkpoint" in capsys.readouterr().out
+    with open(os.path.join(out, "config.json")) as f:  # the default format: 64 weights per scale
+        assert json.load(f)["quantization_config"] == {"quant_method": "gemma4-weight-only", "bits": 4, "group_size": 64}
     assert main(["info", "--model", out, "--json"]) == 0
     capsys.readouterr()
     # "<|turn>\n" tokenizes to ids below the tiny model's 512-token vocabulary
@@ -194,6 +196,17 @@ def test_quantize_then_generate(ckpt, tmp_path, capsys):
 ])
 def test_quantize_bad_input(capsys, argv, words):
     assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("group_size,words", [("48", "group_size must be a positive multiple of 32, got 48"),
+                                              ("0", "group_size must be a positive multiple of 32, got 0"),
+                                              ("x", "--group-size: invalid int value: 'x'")])
+def test_quantize_bad_group_size(ckpt, tmp_path, capsys, group_size, words):
+    path, _ = ckpt("e2b", tame=True)
+    assert main(["quantize", "--model", path, "--to", "int4", "--out", str(tmp_path / "q"),
+                 "--group-size", group_size]) == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err
 

@@ -11,9 +11,9 @@ from importlib import resources
 import torch
 
 from .config import parse_config
-from .kernels import DEFAULT_GROUP_SIZE
 from .engine import runner
 from .engine.sample import DEFAULT_STOP_TOKEN_IDS, SamplingParams
+from .kernels import DEFAULT_GROUP_SIZE
 from .model import Gemma4
 from .tokenizer import load_tokenizer
 from .weights import load, resolve_checkpoint, resolve_device, resolve_dtype

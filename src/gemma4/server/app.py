@@ -188,7 +188,7 @@ def create_app(llm, model_name: str = "gemma4", api_key: str | None = None, poli
             state.counters["requests_failed_total"] += 1
             return error(400, str(e))
         state.counters["prompt_tokens_total"] += len(req.prompt_ids)
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        stops = stop_strings(body)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": state.model_name}
         streams = [run_one(req.prompt_ids, p, media, req.constraint, stops) for p in params]
@@ -277,7 +277,7 @@ def create_app(llm, model_name: str = "gemma4", api_key: str | None = None, poli
             state.counters["requests_failed_total"] += 1
             return error(400, str(e))
         state.counters["prompt_tokens_total"] += len(ids)
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        stops = stop_strings(body)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
         streams = [run_one(ids, p, None, None, stops) for p in params]
         if body.stream:
@@ -330,6 +330,10 @@ async def collect(stream) -> tuple[str, str, int, list]:
         if entry is not None:
             entries.append(entry)
     return text, reason, count, entries
+
+
+def stop_strings(body: Sampling) -> list[str]:
+    return [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
 
 
 def usage(prompt: int, completion: int) -> dict:
