@@ -89,7 +89,7 @@ def worker_ours(args) -> dict:
     res["decode_tok_s"] = 1 / statistics.median(run([prompt_ids(512)], args.steps, True)[5:])
     if args.compile:
         t = time.perf_counter()
-        run([prompt_ids(16)], 4, True, compile=True)
+        run([prompt_ids(512)], args.steps, True, compile=True)  # the measured shapes: compiled once
         res["compile_s"] = time.perf_counter() - t
         res["decode_tok_s_compiled"] = 1 / statistics.median(run([prompt_ids(512)], args.steps, True, True)[5:])
     batch = [prompt_ids(512 + i) for i in range(8)]
@@ -145,7 +145,7 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("bench_cuda: no CUDA device")
     if not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
-        make_checkpoint(args.checkpoint)
+        make_checkpoint(args.checkpoint, device="cuda")
     rows = []
     for kind in ["ours"] + ([] if args.skip_reference else ["reference"]):
         out = subprocess.run([sys.executable, __file__, "--worker", kind, "--checkpoint", args.checkpoint,

@@ -36,14 +36,16 @@ def peak_rss_gb() -> float:
     return kib * 1024 / 1e9
 
 
-def make_checkpoint(out: str) -> None:
-    """Full-size random E2B text model (Gemma4ForCausalLM, bf16), written by the reference."""
+def make_checkpoint(out: str, device: str = "cpu") -> None:
+    """Full-size random E2B text model (Gemma4ForCausalLM, bf16), written by the reference (its random
+    initialization takes minutes on a CPU, seconds on a GPU)."""
     from transformers import Gemma4ForCausalLM, Gemma4TextConfig
 
     with open(E2B_CONFIG) as f:
         text = json.load(f)["text_config"]
     print(f"writing a random full-size E2B text checkpoint to {out} (a few minutes)...", file=sys.stderr)
-    model = Gemma4ForCausalLM._from_config(Gemma4TextConfig(**text), dtype=torch.bfloat16)
+    with torch.device(device):
+        model = Gemma4ForCausalLM._from_config(Gemma4TextConfig(**text), dtype=torch.bfloat16)
     model.save_pretrained(out)
     with open(os.path.join(out, "generation_config.json"), "w") as f:
         json.dump({"eos_token_id": [1, 106, 50], "bos_token_id": 2, "pad_token_id": 0}, f)

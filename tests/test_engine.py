@@ -8,7 +8,7 @@ import torch
 import gemma4
 from gemma4.engine import runner
 from gemma4.engine.engine import AsyncEngine, Engine
-from gemma4.engine.sample import SamplingParams
+from gemma4.engine.sample import Sampler, SamplingParams, sample_rows
 
 LENGTHS = (5, 40, 13, 27)  # the tiny configs' window is 8: every prompt but the first rotates it
 NEW = (30, 25, 40, 10)
@@ -191,3 +191,24 @@ def test_bad_engine_settings(model):
     engine.add("r", [5, 6], SamplingParams())
     with pytest.raises(ValueError, match="already in use"):
         engine.add("r", [5, 6], SamplingParams())
+
+
+SAMPLERS = [  # rows of one batch: the plain greedy ones take the shared argmax, the rest their own path
+    dict(),
+    dict(repetition_penalty=1.5),
+    dict(temperature=0.8, top_k=20, seed=3),
+    dict(logprobs=2),
+    dict(),
+]
+
+
+def test_sample_rows_equals_each_sampler_alone():
+    logits = torch.randn(len(SAMPLERS), 512, generator=torch.Generator().manual_seed(0)).bfloat16()
+    logits[4, [7, 9]] = 50.0  # a tie: the first index wins, as on the host
+    seen = {1, 2, int(logits[1].argmax())}  # the penalty changes row 1's argmax
+    make = lambda: [Sampler(SamplingParams(**kw), seen=set(seen)) for kw in SAMPLERS]  # noqa: E731
+    together, alone = make(), make()
+    got = sample_rows(together, logits)
+    assert got == [s.sample(row) for s, row in zip(alone, logits)]
+    assert got[4][0] == 7 and got[1][0] != int(logits[1].argmax())
+    assert [s.seen for s in together] == [s.seen for s in alone]

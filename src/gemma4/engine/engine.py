@@ -22,7 +22,7 @@ from ..model import Gemma4
 from .blocks import BlockPool
 from .kv import PagedKVCache, block_bytes
 from .runner import forward_paged
-from .sample import Sampler, SamplingParams
+from .sample import Sampler, SamplingParams, sample_rows
 from .scheduler import KINDS, Scheduler
 from .sequence import Sequence, Status
 
@@ -130,13 +130,13 @@ class Engine:
             logits = forward_paged(self.model, self.cache, [w.seq.token_range(w.start, w.start + 1) for w in decodes],
                                    [w.start for w in decodes], [w.seq.blocks for w in decodes],
                                    self._media(decodes[0]) if len(decodes) == 1 else None)
-            for row, w in enumerate(decodes):
-                events.append(self._advance(w, logits[row]))
+            for w, sampled in zip(decodes, sample_rows([w.seq.sampler for w in decodes], logits)):
+                events.append(self._advance(w, sampled))
         for w in chunks:
             last = w.start + w.count == len(w.seq)
             logits = forward_paged(self.model, self.cache, [w.seq.token_range(w.start, w.start + w.count)], [w.start],
                                    [w.seq.blocks], self._media(w), logits=last)
-            events.append(self._advance(w, logits[0] if last else None))
+            events.append(self._advance(w, w.seq.sampler.sample(logits[0]) if last else None))
         return [e for e in events if e is not None]
 
     def _media(self, w) -> torch.Tensor | None:
@@ -148,13 +148,14 @@ class Engine:
         inside = sum(t in self.media_ids for t in tokens[w.start:w.start + w.count])
         return seq.media[before:before + inside] if inside else None
 
-    def _advance(self, w, logits: torch.Tensor | None) -> TokenEvent | None:
+    def _advance(self, w, sampled: tuple | None) -> TokenEvent | None:
+        """Account for the work done; `sampled`: (token, logprob, top) where it made a token."""
         seq = w.seq
         seq.computed += w.count
         self.scheduler.register_full_blocks(seq)
-        if logits is None:
+        if sampled is None:
             return None
-        token, logprob, top = seq.sampler.sample(logits)
+        token, logprob, top = sampled
         seq.output.append(token)
         p = seq.params
         reason = "stop" if token in seq.stop_ids else \

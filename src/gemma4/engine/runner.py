@@ -9,7 +9,7 @@ import torch
 
 from ..model import Gemma4
 from .kv import KVCache
-from .sample import Sampler, SamplingParams
+from .sample import Sampler, SamplingParams, sample_rows
 
 
 @dataclass
@@ -146,10 +146,11 @@ def generate(model: Gemma4, prompts: list[list[int]], params: list[SamplingParam
         # a finished row (kept for compile) re-feeds its last position: harmless, and never past the cache
         pos = torch.tensor([[min(lengths[b], max_len - 1)] for b in running], device=device)
         logits = decode(model, ids, pos, cache)
-        for row, b in enumerate(running):
-            if not done[b]:
-                lengths[b] += 1
-                last[b] = samplers[b](logits[row])
+        rows = [row for row, b in enumerate(running) if not done[b]]
+        picked = sample_rows([samplers[running[r]] for r in rows], logits if len(rows) == len(running) else logits[rows])
+        for row, (token, _, _) in zip(rows, picked):
+            lengths[running[row]] += 1
+            last[running[row]] = token
 
 
 def forward_paged(model: Gemma4, cache, ids: list[list[int]], starts: list[int], tables: list[dict],

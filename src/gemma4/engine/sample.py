@@ -58,6 +58,13 @@ class Sampler:
             else:
                 self.generator.seed()
 
+    @property
+    def plain_greedy(self) -> bool:
+        """The argmax of the logits as they are: no penalty, mask or log-probabilities to compute."""
+        p = self.params
+        return (p.temperature == 0 and self.constraint is None and p.logprobs is None
+                and p.repetition_penalty in (None, 1.0))
+
     def __call__(self, logits: torch.Tensor) -> int:
         """logits [vocab] -> token id."""
         return self.sample(logits)[0]
@@ -102,3 +109,20 @@ class Sampler:
         if p.logprobs is not None:
             logprob = float(logp[token])
         return token, logprob, top
+
+
+def sample_rows(samplers: list[Sampler], logits: torch.Tensor) -> list[tuple[int, float | None, list | None]]:
+    """`samplers[r].sample(logits[r])` for each row of logits [B, vocab]. The plain greedy rows take one
+    argmax on the logits' device, together: on a GPU, copying each row's 262,144 logits to the host and
+    taking its argmax there cost more than the rest of a CUDA-graph decode step's host work."""
+    out: list = [None] * len(samplers)
+    greedy = [r for r, s in enumerate(samplers) if s.plain_greedy]
+    if greedy:
+        rows = logits if len(greedy) == len(samplers) else logits[greedy]
+        for r, token in zip(greedy, rows.argmax(-1).tolist()):
+            samplers[r].seen.add(token)
+            out[r] = (token, None, None)
+    for r, s in enumerate(samplers):
+        if out[r] is None:
+            out[r] = s.sample(logits[r])
+    return out
