@@ -274,3 +274,74 @@ def test_rms_norm_routes_to_the_kernel(kernel, monkeypatch):
 def test_rms_norm_kernel_bad_inputs(kernel, x, w, message):
     with pytest.raises(RuntimeError, match=message):
         torch.ops.gemma4_kernels.rms_norm(x, w, 1e-6)
+
+
+# (B, H, K, T, S, D, K/V dtype, q dtype): E2B's sliding and global decode (530 keys: a last chunk of 18), 26B's
+# 2 query heads per KV head with 3 new tokens, 32 rows per KV head (tiles of 8), a chunk shorter than 8 keys.
+ATTENTION_CASES = [(1, 8, 1, 1, 512, 256, torch.float32, torch.float32),
+                   (1, 8, 1, 1, 530, 512, torch.bfloat16, torch.bfloat16),
+                   (2, 16, 8, 3, 300, 256, torch.bfloat16, torch.float32),
+                   (1, 8, 1, 4, 129, 512, torch.float32, torch.float32),
+                   (3, 4, 2, 1, 5, 16, torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("B,H,K,T,S,D,kv_dtype,q_dtype", ATTENTION_CASES)
+def test_decode_attention_kernel(kernel, B, H, K, T, S, D, kv_dtype, q_dtype):
+    """Against softmax(q k^T) v in float64 from the same rounded inputs, with a random mask; in a batch, the
+    last row sees only its last key (every other chunk of keys adds nothing)."""
+    g = torch.Generator().manual_seed(S + D)
+    q = (torch.randn(B, H, T, D, generator=g) * D ** -0.25).to(q_dtype)
+    k, v = (torch.randn(B, K, S, D, generator=g).to(kv_dtype) for _ in range(2))
+    mask = torch.rand(B, 1, T, S, generator=g) > 0.3
+    mask[..., 0] = True
+    if B > 1:
+        mask[-1], mask[-1, ..., -1] = False, True
+    scores = q.double().reshape(B, K, H // K * T, D) @ k.double().transpose(-1, -2)
+    scores = scores.view(B, K, H // K, T, S).masked_fill(~mask[:, :, None], float("-inf"))
+    expected = (scores.softmax(-1).view(B, K, -1, S) @ v.double()).view(B, H, T, D)
+    out = kernels.decode_attention(q, k, v, mask)
+    assert out.dtype == q_dtype and out.shape == (B, H, T, D)
+    tol = 2e-6 if q_dtype == torch.float32 else 2 ** -8
+    assert ((out.double() - expected).abs() <= tol * expected.abs() + 2e-6).all()
+
+
+def test_decode_attention_kernel_strided_kv_and_no_key(kernel):
+    """K/V as views of a larger cache (strided rows and heads) give the contiguous result; a row that sees
+    no key gets zeros (SDPA would give NaN)."""
+    cache = torch.randn(2, 3, 40, 64)
+    q, mask = torch.randn(1, 4, 1, 64), torch.ones(1, 1, 1, 24, dtype=torch.bool)
+    k, v = cache[:1, :2, 8:32], cache[1:, 1:, 10:34]
+    torch.testing.assert_close(kernels.decode_attention(q, k, v, mask),
+                               kernels.decode_attention(q, k.contiguous(), v.contiguous(), mask))
+    assert kernels.decode_attention(q, k, v, torch.zeros_like(mask)).eq(0).all()
+
+
+def test_small_query_attention_routes_to_the_kernel(kernel, monkeypatch):
+    """fp32 / bf16 CPU without gradients: the kernel; float64 (the exactness tests) and autograd: ATen ops."""
+    from gemma4.model.text import small_query_attention
+
+    calls = []
+    real = kernels.decode_attention
+    monkeypatch.setattr(kernels, "decode_attention", lambda *a: calls.append(a[0].dtype) or real(*a))
+    mask = torch.ones(1, 1, 1, 9, dtype=torch.bool)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        q, kv = torch.randn(1, 4, 1, 32, dtype=dtype), torch.randn(1, 2, 9, 32, dtype=dtype)
+        assert small_query_attention(q, kv, kv, mask).dtype == dtype
+    q = torch.randn(1, 4, 1, 32, requires_grad=True)
+    small_query_attention(q, kv.float(), kv.float(), mask).sum().backward()
+    assert calls == [torch.float32, torch.bfloat16] and q.grad is not None
+
+
+@pytest.mark.parametrize("q,kv,mask,message", [
+    (torch.randn(1, 4, 1, 32).half(), torch.randn(1, 2, 9, 32), None, "must be float32 or bfloat16"),
+    (torch.randn(1, 4, 1, 32), torch.randn(1, 3, 9, 32), None, "K dividing the 4 query heads"),
+    (torch.randn(1, 4, 1, 12), torch.randn(1, 2, 9, 12), None, "multiple of 8"),
+    (torch.randn(1, 4, 1, 32), torch.randn(1, 2, 32, 9).transpose(-1, -2), None, "contiguous in k and v"),
+    (torch.randn(1, 4, 1, 32), torch.randn(1, 2, 9, 32), torch.ones(1, 1, 1, 9), "mask must be bool"),
+    (torch.randn(1, 4, 1, 32), torch.randn(1, 2, 9, 32), torch.ones(1, 1, 2, 9, dtype=torch.bool), "mask must be"),
+    (torch.randn(4, 1, 32), torch.randn(1, 2, 9, 32), None, r"q \[B, H, T, D\]"),
+])
+def test_decode_attention_kernel_bad_inputs(kernel, q, kv, mask, message):
+    mask = torch.ones(1, 1, 1, 9, dtype=torch.bool) if mask is None else mask
+    with pytest.raises(RuntimeError, match=message):
+        kernels.decode_attention(q, kv, kv, mask)

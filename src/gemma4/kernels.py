@@ -162,6 +162,7 @@ def _load():
         lambda x, qweight, scales, bits, group_size: x.new_empty(x.shape[0], qweight.shape[0]))
     torch.library.register_fake("gemma4_kernels::gemv_bf16")(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
     torch.library.register_fake("gemma4_kernels::rms_norm")(lambda x, weight, eps: torch.empty_like(x))
+    torch.library.register_fake("gemma4_kernels::decode_attention")(lambda q, k, v, mask: torch.empty_like(q))
     return True
 
 
@@ -192,6 +193,13 @@ def gemv_bf16(x, w):
 def rms_norm(x, weight, eps):
     """Gemma's RMSNorm over the last dim of x (fp32/bf16 CPU; see `model.text.RMSNorm`) in one op."""
     return torch.ops.gemma4_kernels.rms_norm(x.contiguous(), weight, eps)
+
+
+def decode_attention(q, k, v, mask):
+    """softmax(q k^T masked) v without a 1/sqrt(D) scale, q [B, H, T, D] over k, v [B, K, S, D] (fp32/bf16 CPU,
+    last dim contiguous) with mask [B, 1, T, S]; fp32 inside, out in q's dtype (see `model.text`). A row that
+    sees no key gets zeros."""
+    return torch.ops.gemma4_kernels.decode_attention(q, k, v, mask)
 
 
 def _dequant_matmul(x2, qweight, scales, bits, group_size):
