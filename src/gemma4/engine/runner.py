@@ -147,7 +147,8 @@ def generate(model: Gemma4, prompts: list[list[int]], params: list[SamplingParam
         pos = torch.tensor([[min(lengths[b], max_len - 1)] for b in running], device=device)
         logits = decode(model, ids, pos, cache)
         rows = [row for row, b in enumerate(running) if not done[b]]
-        picked = sample_rows([samplers[running[r]] for r in rows], logits if len(rows) == len(running) else logits[rows])
+        picked = sample_rows([samplers[running[r]] for r in rows],
+                             logits if len(rows) == len(running) else logits[rows])
         for row, (token, _, _) in zip(rows, picked):
             lengths[running[row]] += 1
             last[running[row]] = token

@@ -121,12 +121,14 @@ def small_query_attention(q, k, v, mask):
     """Attention for a few queries, q [B, H, T, D] over k, v [B, K, S, D]: the query heads of a KV head are
     stacked as rows (no copy of K/V per query head). Computed in (at least) fp32: CPUs emulate bf16, and a
     bf16 probs @ v is ~7x slower than upcasting (1.9 ms vs 0.28 ms for 512 keys, 8 heads of 256). On a CPU
-    the kernel does it in one pass over K/V: 40 us instead of 190-230 for E2B's sliding layers; and the MKL
-    threads of the ATen bmm kept spinning after it, slowing the next weight reads (E2B int4 step 106 -> 79 ms)."""
+    the kernel does it in one pass over K/V: 40 us instead of 190-230 for E2B's sliding layers. The weight
+    reads around it got faster too (E2B int4 step 106 -> 79 ms, its qgemv calls 79 -> 53 ms): most likely the
+    bmm's BLAS threads went on spinning after each call and took the cores from the next one."""
     B, H, T, D = q.shape
     K, out_dtype = k.shape[1], q.dtype
-    if q.device.type == "cpu" and {q.dtype, k.dtype, v.dtype} <= _KERNEL_FLOATS and D % 8 == 0 \
-            and k.stride(-1) == 1 and v.stride(-1) == 1 and not (q.requires_grad or k.requires_grad or v.requires_grad) and kernels.kernel_available():
+    no_grad = not (q.requires_grad or k.requires_grad or v.requires_grad)  # the kernel has no backward
+    if q.device.type == "cpu" and {q.dtype, k.dtype, v.dtype} <= _KERNEL_FLOATS and D % 8 == 0 and no_grad \
+            and k.stride(-1) == 1 and v.stride(-1) == 1 and kernels.kernel_available():
         return kernels.decode_attention(q, k, v, mask)
     # (a GPU has native bf16: upcasting there only adds copies and fp32 GEMMs, 1 ms of a 6 ms E2B step)
     dtype = torch.promote_types(q.dtype, torch.float32) if q.device.type == "cpu" else q.dtype
