@@ -26,7 +26,6 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
-#include <type_traits>
 #include <cstdint>
 #include <memory>
 
@@ -501,16 +500,6 @@ at::Tensor dequant(const at::Tensor& qweight, const at::Tensor& scales, int64_t 
 // in dispatch than in arithmetic (13.7 ms of norms per E2B step -> 1.5 ms).  The sum of squares is taken
 // in a different order than torch's mean, so the scale may differ from the reference's in the last fp32 bit.
 template <typename T>
-inline __m256 load8(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return _mm256_loadu_ps(p);
-  } else {  // bf16 -> fp32: the 16 bits are the high half of the float
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
-}
-
-template <typename T>
 void rms_norm_rows(const T* x, const float* w, T* out, int64_t r0, int64_t r1, int64_t D, float eps) {
   const int64_t D8 = D - D % 8;
   for (int64_t r = r0; r < r1; ++r) {
@@ -563,7 +552,6 @@ at::Tensor rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight
   });
   return out;
 }
-
 
 // ---------------------------------------------------------------------------------------------
 // Attention of a few queries over the K/V cache (decode): out = softmax(masked q k^T) v, no 1/sqrt(D) scale

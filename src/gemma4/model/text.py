@@ -54,7 +54,7 @@ class Linear(nn.Linear):
         return matmul(x, self.weight)
 
 
-_NORM_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+_KERNEL_FLOATS = (torch.float32, torch.bfloat16)  # what the CPU kernels (norm, attention) take
 
 
 class RMSNorm(nn.Module):
@@ -69,8 +69,8 @@ class RMSNorm(nn.Module):
         # The reference's x.float() * pow(mean(x^2) + eps, -0.5) * weight.float(), rounded to x's dtype.
         # F.rms_norm computes exactly that, in six ATen ops; on a CPU our kernel does it in one (a decode
         # step runs ~250 norms). Compiled code fuses F.rms_norm itself; autograd needs F.rms_norm.
-        if x.device.type == "cpu" and x.dtype in _NORM_KERNEL_DTYPES and not x.requires_grad \
-                and (self.weight is None or self.weight.dtype in _NORM_KERNEL_DTYPES and not self.weight.requires_grad) \
+        if x.device.type == "cpu" and x.dtype in _KERNEL_FLOATS and not x.requires_grad \
+                and (self.weight is None or self.weight.dtype in _KERNEL_FLOATS and not self.weight.requires_grad) \
                 and not torch.compiler.is_compiling() and kernels.kernel_available():
             return kernels.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
@@ -95,9 +95,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x [B, T, heads, D]; rotate pairs (i, i + D/2)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
-_KERNEL_FLOATS = {torch.float32, torch.bfloat16}
 
 
 @functools.cache
@@ -127,8 +124,8 @@ def small_query_attention(q, k, v, mask):
     B, H, T, D = q.shape
     K, out_dtype = k.shape[1], q.dtype
     no_grad = not (q.requires_grad or k.requires_grad or v.requires_grad)  # the kernel has no backward
-    if q.device.type == "cpu" and {q.dtype, k.dtype, v.dtype} <= _KERNEL_FLOATS and D % 8 == 0 and no_grad \
-            and k.stride(-1) == 1 and v.stride(-1) == 1 and kernels.kernel_available():
+    if q.device.type == "cpu" and all(t.dtype in _KERNEL_FLOATS for t in (q, k, v)) and no_grad \
+            and D % 8 == 0 and k.stride(-1) == 1 and v.stride(-1) == 1 and kernels.kernel_available():
         return kernels.decode_attention(q, k, v, mask)
     # (a GPU has native bf16: upcasting there only adds copies and fp32 GEMMs, 1 ms of a 6 ms E2B step)
     dtype = torch.promote_types(q.dtype, torch.float32) if q.device.type == "cpu" else q.dtype
