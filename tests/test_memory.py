@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -39,21 +40,42 @@ def test_load_skips_the_default_random_init(ckpt):
     assert r.stdout.strip() == "False"
 
 
-def test_ple_rows_leave_the_resident_set(ckpt):
-    """The PLE table is mapped on its own and its pages are dropped after each lookup: generating leaves none
-    of it resident, where a plain lookup keeps the pages it touched (and 64 KB around each row)."""
+def test_ple_rows_never_enter_the_resident_set(ckpt):
+    """The PLE table is memory-mapped but its rows are read with pread (weights.FileRows): generating maps
+    none of it, where a plain lookup keeps the pages it touched (and 64 KB around each row)."""
     path, reference = ckpt("e2b")
     model = gemma4.load(path, device="cpu")
     text = model.language_model
     table = text.embed_tokens_per_layer.weight
-    assert text.ple_pages is not None and table.dtype == torch.float32  # the stored dtype, memory-mapped
+    assert text.ple_rows is not None and table.dtype == torch.float32  # the stored dtype, memory-mapped
     ids = torch.randint(3, table.shape[0], (1, 64), generator=torch.Generator().manual_seed(0))
-    F.embedding(ids, table).sum()
-    assert mapping_rss_kb(table.data_ptr()) > 0  # a plain lookup: resident
     ours = model(ids)
     assert mapping_rss_kb(table.data_ptr()) == 0
     with torch.no_grad():
         expected = reference(input_ids=ids).logits
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)  # the rows read are the right ones
-    again = model(ids)  # pages mapped again from the page cache
-    assert torch.equal(again, ours) and mapping_rss_kb(table.data_ptr()) == 0
+    assert torch.equal(text.ple_rows(ids[0, :5]), table[ids[0, :5]])
+    F.embedding(ids, table).sum()
+    assert mapping_rss_kb(table.data_ptr()) > 0  # what a plain lookup would have kept
+
+
+def test_ple_row_reader_rejects_bad_ids(ckpt):
+    path, _ = ckpt("e2b")
+    rows = gemma4.load(path, device="cpu").language_model.ple_rows
+    for bad in ([-1], [rows.shape[0]], [5, 10 ** 9]):
+        with pytest.raises(IndexError, match="out of range"):
+            rows(torch.tensor(bad))
+    assert rows(torch.zeros(0, dtype=torch.long)).shape == (0, rows.shape[1])
+
+
+def test_kv_pool_takes_memory_only_where_written():
+    """The serving engine's pool (2 GiB by default on a CPU) is zeros that become resident only when written:
+    torch.zeros made `gemma4 generate` of int4 E2B peak at 3.6 GB RSS."""
+    from gemma4.engine.kv import zeros
+
+    pool = zeros((256, 1024, 1024), torch.float32, "cpu")  # 1 GiB
+    assert mapping_rss_kb(pool.data_ptr()) < 1024
+    pool[3].fill_(2.0)  # one 4 MB slice written
+    assert 4096 <= mapping_rss_kb(pool.data_ptr()) < 8192
+    assert pool[2].abs().sum() == 0 and pool[3].sum() == 2 * 1024 * 1024
+    assert zeros((2, 3), torch.bfloat16, "meta").device.type == "meta"

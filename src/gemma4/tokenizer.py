@@ -24,6 +24,8 @@ from pathlib import Path
 
 import tokenizers
 
+from .memory import return_freed_heap
+
 __all__ = ["Tokenizer", "StreamDecoder", "load_tokenizer"]
 
 _BUILTIN = "data/tokenizer.json.gz"
@@ -140,6 +142,8 @@ def _from_json(raw: bytes, origin) -> Tokenizer:
         backend = tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
     except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
         raise ValueError(f"{origin}: not a valid tokenizer.json ({e})") from e
+    # Parsing the 262,144 tokens and 514,906 merges leaves ~50 MB of freed heap behind (RSS +142 MB, +92 after).
+    return_freed_heap()
     try:
         return Tokenizer(backend)
     except ValueError as e:

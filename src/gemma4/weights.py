@@ -152,7 +152,7 @@ def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None 
     wanted = model.state_dict()  # parameters and persistent buffers (layer_scalar, quantized weights)
     shared = {s.index for s in config.text.layers if s.kv_shared}
     state: dict[str, torch.Tensor] = {}
-    ple_pages = None
+    ple_rows = None
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
             for key in f.keys():
@@ -171,9 +171,9 @@ def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None 
                     raise CheckpointError(f"{os.path.basename(file)}: tensor {key!r} has shape {shape}, "
                                           f"the config needs {tuple(wanted[name].shape)}")
                 mapped = _mapped_tensor(file, key) if name.endswith("embed_tokens_per_layer.weight") \
-                    and device.type == "cpu" and _CAN_DROP_PAGES else None
+                    and device.type == "cpu" and _CAN_PREAD else None
                 if mapped is not None:
-                    state[name], ple_pages = mapped
+                    state[name], ple_rows = mapped
                     continue
                 t = f.get_tensor(key)
                 state[name] = t.to(device=device, dtype=None if _keeps_stored_dtype(name, t) else read_dtype)
@@ -182,8 +182,8 @@ def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None 
         raise CheckpointError(f"{ckpt}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     model.load_state_dict(state, strict=False, assign=True)
     model.init_buffers(device)
-    if ple_pages is not None:
-        model.language_model.ple_pages = ple_pages
+    if ple_rows is not None:
+        model.language_model.ple_rows = ple_rows
     model.requires_grad_(False)
     model.quantization = saved_quant
     if bits:
@@ -204,26 +204,50 @@ def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None 
     return model.eval()
 
 
-_CAN_DROP_PAGES = hasattr(mmap, "MADV_DONTNEED") and hasattr(mmap.mmap, "madvise")
+_CAN_PREAD = hasattr(os, "preadv")
 _SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
-def _mapped_tensor(file: str, key: str) -> tuple[torch.Tensor, mmap.mmap] | None:
-    """One tensor of a safetensors file through a memory map of its own (copy-on-write: never written), so
-    that its pages can be dropped after reading (`TextModel.release_ple_rows`). Safetensors' own map covers
-    the whole file; dropping pages there could not be confined to one tensor. None for another dtype."""
+class FileRows:
+    """Rows of a 2-D table read from its file with pread (`TextModel.per_layer_inputs`), for E2B/E4B's PLE
+    table (4.7 GB): a lookup through a memory map keeps each row's pages resident, and the kernel maps 64 KB
+    around each 18 KB row it reads (fault-around), so a 512-token prompt added 45 MB to the RSS (33 MB after
+    dropping the pages right away), and a long-running server would end up with the whole table resident.
+    pread copies the rows from the page cache and maps nothing; 512 rows take ~2 ms."""
+
+    def __init__(self, file: str, offset: int, shape: tuple[int, int], dtype: torch.dtype):
+        self.file = open(file, "rb", buffering=0)  # closed with this object
+        self.offset, self.shape, self.dtype = offset, shape, dtype
+        self.row_bytes = shape[1] * dtype.itemsize
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1).tolist()
+        if flat and not 0 <= min(flat) <= max(flat) < self.shape[0]:
+            raise IndexError(f"token id out of range for the {self.shape[0]}-row per-layer embedding table")
+        buf = bytearray(len(flat) * self.row_bytes)
+        view, n = memoryview(buf), self.row_bytes
+        for i, token in enumerate(flat):
+            if os.preadv(self.file.fileno(), [view[i * n:(i + 1) * n]], self.offset + token * n) != n:
+                raise OSError(f"{self.file.name}: short read of the per-layer embedding table")
+        rows = torch.frombuffer(buf, dtype=self.dtype) if buf else torch.empty(0, dtype=self.dtype)
+        return rows.view(*ids.shape, self.shape[1])
+
+
+def _mapped_tensor(file: str, key: str) -> tuple[torch.Tensor, FileRows] | None:
+    """One tensor of a safetensors file through a memory map of its own (copy-on-write: never written), and
+    a `FileRows` reader of it. None for another dtype."""
     with open(file, "rb") as fh:
         (header_len,) = struct.unpack("<Q", fh.read(8))
         entry = json.loads(fh.read(header_len))[key]
         dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
-        if dtype is None:
+        if dtype is None or len(entry["shape"]) != 2:
             return None
         begin, end = entry["data_offsets"]
         start = 8 + header_len + begin
         aligned = start - start % mmap.ALLOCATIONGRANULARITY
         pages = mmap.mmap(fh.fileno(), end - begin + start - aligned, access=mmap.ACCESS_COPY, offset=aligned)
     t = torch.frombuffer(pages, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start - aligned)
-    return t.view(entry["shape"]), pages
+    return t.view(entry["shape"]), FileRows(file, start, tuple(entry["shape"]), dtype)
 
 
 def _keeps_stored_dtype(name: str, t: torch.Tensor) -> bool:

@@ -41,6 +41,9 @@ def compiled_step(model: Gemma4):
     bf16 decode went from 81% to 88% of its memory-bandwidth limit in benchmarks/bench_generate.py; on a
     GPU it cuts the kernels a CUDA-graph step launches. Compiling takes one to two minutes."""
     if getattr(model, "_compiled_step", None) is None:
+        text = model.language_model
+        if text.ple_rows is not None:  # file reads (weights.FileRows): run between the step's two graphs
+            text.ple_rows = torch.compiler.disable(text.ple_rows)
         model._compiled_step = torch.compile(_step_logits, dynamic=False)
     return model._compiled_step
 
@@ -51,9 +54,7 @@ def compiled_decode(model: Gemma4):
 
     def decode(*args):
         with torch.inference_mode():
-            logits = step(*args)
-        model.language_model.release_ple_rows()  # not inside the compiled step: a graph break
-        return logits
+            return step(*args)
     return decode
 
 

@@ -8,15 +8,12 @@ Shapes: B batch, T new tokens, S keys, H query heads, K KV heads, D head dim, E 
 """
 from __future__ import annotations
 
-import ctypes
-import functools
-import mmap
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from ..memory import return_freed_heap
 from ..config import LayerSpec, TextConfig
 
 
@@ -95,23 +92,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x [B, T, heads, D]; rotate pairs (i, i + D/2)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
-@functools.cache
-def _malloc_trim():
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        return None
-
-
-def return_freed_heap() -> None:
-    """Give the C heap's free pages back to the OS. glibc keeps freed memory for reuse, so a prefill's
-    activations stayed resident while the KV-shared layers' weights were paged in after them (the peak RSS
-    of an int4 E2B prefill is the activations plus every weight). Costs about a millisecond."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def small_query_attention(q, k, v, mask):
@@ -202,7 +182,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate, hidden)
 
     def forward(self, x):
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        h = F.gelu(self.gate_proj(x), approximate="tanh")
+        # In place without autograd: one prompt-sized [T, intermediate] tensor fewer at the peak of a prefill.
+        h = h * self.up_proj(x) if h.requires_grad else h.mul_(self.up_proj(x))
+        return self.down_proj(h)
 
 
 class Router(nn.Module):
@@ -328,9 +311,9 @@ class TextModel(nn.Module):
             self.embed_tokens_per_layer = nn.Embedding(cfg.ple_vocab_size, L * P)
             self.per_layer_model_projection = Linear(E, L * P)
             self.per_layer_projection_norm = RMSNorm(P, cfg.rms_norm_eps)
-        # The PLE table's own memory map, when weights.load maps it from the file (CPU): after a lookup its
-        # pages are dropped from this process (see `release_ple_rows`).
-        self.ple_pages: mmap.mmap | None = None
+        # Reads PLE rows from the checkpoint file, when weights.load maps the table from it (CPU): see
+        # weights.FileRows. The table itself (memory-mapped, never touched by a lookup) stays the parameter.
+        self.ple_rows = None
         self.layers = nn.ModuleList(DecoderLayer(cfg, s) for s in cfg.layers)
         self.donors = frozenset(s.kv_source for s in cfg.layers if s.kv_shared)
         self.norm = RMSNorm(E, cfg.rms_norm_eps)
@@ -353,25 +336,18 @@ class TextModel(nn.Module):
         # The scale is rounded to the weight dtype first, as the reference does (sqrt(1536) -> 39.25 in bf16).
         return rows * torch.tensor(self.cfg.hidden_size ** 0.5, dtype=rows.dtype)
 
-    def release_ple_rows(self) -> None:
-        """Drop the PLE table's pages from this process once the rows are copied out. The kernel maps 64 KB
-        around each 18 KB row it reads (fault-around), so every distinct token kept ~64 KB resident: +45 MB
-        for a 512-token prompt, and a long-running server would end up with the whole 4.7 GB table in its
-        RSS. The pages stay in the page cache (clean, shared, reclaimable); a later read maps them again."""
-        if self.ple_pages is not None:
-            self.ple_pages.madvise(mmap.MADV_DONTNEED)
-
     def per_layer_inputs(self, ple_ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         """[B, T, L, P]: (token's own PLE row x sqrt(P) + projection of the main embedding) / sqrt(2)."""
         cfg, w = self.cfg, self.embed_tokens_per_layer.weight
         # The table stays in its stored dtype (memory-mapped): convert just the rows looked up.
-        own = F.embedding(ple_ids.to(w.device), w).to(embeds.device, embeds.dtype)
-        if not torch.compiler.is_compiling():  # a compiled step releases them after it runs (engine.runner)
-            self.release_ple_rows()
-        own = own * torch.tensor(cfg.ple_dim ** 0.5, dtype=embeds.dtype)  # scale rounded as the reference does
-        proj = self.per_layer_model_projection(embeds) * cfg.hidden_size ** -0.5
+        own = self.ple_rows(ple_ids.cpu()) if self.ple_rows is not None else F.embedding(ple_ids.to(w.device), w)
+        own = own.to(embeds.device, embeds.dtype)
+        # In place where the reference makes a new tensor (same numbers): these are prompt-sized, [T, L * P]
+        # (9 MB a 256-token chunk in fp32), and five copies of them were an int4 prefill's peak memory.
+        own.mul_(torch.tensor(cfg.ple_dim ** 0.5, dtype=embeds.dtype))  # scale rounded as the reference does
+        proj = self.per_layer_model_projection(embeds).mul_(cfg.hidden_size ** -0.5)
         proj = self.per_layer_projection_norm(proj.view(*embeds.shape[:-1], cfg.num_layers, cfg.ple_dim))
-        return (proj + own.view_as(proj)) * 2.0 ** -0.5
+        return proj.add_(own.view_as(proj)).mul_(2.0 ** -0.5)
 
     def forward(self, embeds, ple_ids, positions, cache=None, cache_rows=slice(None), key_valid=None, keep=None,
                 media_groups=None):
