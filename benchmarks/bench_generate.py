@@ -176,9 +176,9 @@ def worker_ours(args) -> dict:
         if not key:
             result["decode_tok_s"] = 1 / statistics.median(times[1:])
             result["rss_gb"] = peak_rss_gb()  # the reference's workload (this prompt); the long one adds its own
-    from gemma4.engine.kv import KVCache
+    from gemma4.engine.kv import KVCache, cache_dtype
 
-    result["kv_bytes"] = KVCache(model.config.text, 1, args.prompt_len + args.steps, model.dtype, "meta").nbytes
+    result["kv_bytes"] = KVCache(model.config.text, 1, args.prompt_len + args.steps, cache_dtype(model), "meta").nbytes
     result["rss_gb_long"] = peak_rss_gb()
     nbytes, seconds = read_speed(model)
     result.update(decode_bytes=nbytes, read_gb_s=nbytes / seconds / 1e9, limit_tok_s=1 / seconds)

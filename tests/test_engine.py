@@ -212,3 +212,17 @@ def test_sample_rows_equals_each_sampler_alone():
     assert got == [s.sample(row) for s, row in zip(alone, logits)]
     assert got[4][0] == 7 and got[1][0] != int(logits[1].argmax())
     assert [s.seen for s in together] == [s.seen for s in alone]
+
+
+def test_quantized_model_keeps_bf16_kv(ckpt):
+    """int4 weights with fp32 activations: the pool holds bf16 K/V (half the bytes, as accounted), rounded
+    before attending in both caches, so the engine still gives each request's tokens alone."""
+    path, _ = ckpt("e2b")
+    model = gemma4.load(path, dtype="float32", device="cpu", quantize="int4", group_size=32)
+    # Prompts in one chunk, as runner.generate does: an int4 chunk of up to 16 rows goes to the kernel and a
+    # larger one to dequantize + GEMM, whose roundings differ.
+    engine = Engine(model, block_size=8, max_seqs=2, max_step_tokens=64, stop_ids=())
+    assert all(t.dtype == torch.bfloat16 for t in engine.cache.v.values())
+    ps, params = prompts((11, 30)), SamplingParams(max_new_tokens=12)
+    out, _ = run(engine, {"a": (ps[0], params), "b": (ps[1], params)})
+    assert out == {"a": alone(model, ps[0], params), "b": alone(model, ps[1], params)}

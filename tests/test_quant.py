@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import gemma4
+from gemma4.engine.kv import cache_dtype
 from gemma4.quant import QuantizedLinear
 
 
@@ -110,6 +111,7 @@ def test_quantized_cpu_model_computes_in_fp32(ckpt, tmp_path):
     for model in (gemma4.load(bf16, device="cpu", quantize="int4"), gemma4.load(saved, device="cpu")):
         text = model.language_model
         assert model.dtype == torch.float32 and text.norm.weight.dtype == torch.float32
+        assert cache_dtype(model) == torch.bfloat16  # K/V stored in bf16, as llama.cpp keeps f16 K/V
         assert text.embed_tokens_per_layer.weight.dtype == torch.bfloat16
         assert text.layers[0].mlp.up_proj.scales.dtype == torch.float16
         assert text.embed_tokens.scales.dtype == torch.float16
@@ -117,6 +119,7 @@ def test_quantized_cpu_model_computes_in_fp32(ckpt, tmp_path):
         with torch.no_grad():
             assert model(ids).dtype == torch.float32
     assert gemma4.load(bf16, device="cpu").dtype == torch.bfloat16  # float: the checkpoint's dtype
+    assert cache_dtype(gemma4.load(src, device="cpu")) == torch.float32  # unquantized: K/V in the model's dtype
     explicit = gemma4.load(bf16, device="cpu", quantize="int4", dtype="bfloat16")
     assert explicit.dtype == torch.bfloat16 and explicit.language_model.norm.weight.dtype == torch.bfloat16
     # an fp32 checkpoint quantized into bf16 activations: the RoPE tables stay fp32 (computed, not loaded)

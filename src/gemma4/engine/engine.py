@@ -20,7 +20,7 @@ import torch
 
 from ..model import Gemma4
 from .blocks import BlockPool
-from .kv import PagedKVCache, block_bytes
+from .kv import PagedKVCache, block_bytes, cache_dtype
 from .runner import forward_paged
 from .sample import Sampler, SamplingParams, sample_rows
 from .scheduler import KINDS, Scheduler
@@ -51,7 +51,7 @@ class Engine:
         if block_size <= 0 or max_seqs <= 0 or max_step_tokens <= 0:
             raise ValueError("block_size, max_seqs and max_step_tokens must be positive")
         self.model, self.cfg, self.block_size, self.default_stop = model, cfg, block_size, frozenset(stop_ids)
-        dsize = torch.empty(0, dtype=model.dtype).element_size()
+        dsize = cache_dtype(model).itemsize
         sizes = {k: block_bytes(cfg, k, block_size, dsize) for k in KINDS}
         sizes = {k: b for k, b in sizes.items() if b}
         kv_memory = default_kv_memory(model) if kv_memory is None else int(kv_memory)
@@ -70,7 +70,7 @@ class Engine:
             raise ValueError(f"kv_memory {kv_memory} bytes is too small for this model: give it at least {need}")
         self.block_sizes = sizes
         self.pools = {k: BlockPool(n, sizes[k]) for k, n in blocks.items()}
-        self.cache = PagedKVCache(cfg, blocks, block_size, model.dtype, model.device)
+        self.cache = PagedKVCache(cfg, blocks, block_size, cache_dtype(model), model.device)
         ids = [model.config.token_ids.get(k) for k in ("image_token_id", "video_token_id", "audio_token_id")]
         self.media_ids = frozenset(i for i in ids if i is not None)
         self.scheduler = Scheduler(cfg, self.pools, block_size, max_seqs, max_step_tokens, self.media_ids)

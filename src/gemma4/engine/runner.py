@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model import Gemma4
-from .kv import KVCache
+from .kv import KVCache, cache_dtype
 from .sample import Sampler, SamplingParams, sample_rows
 
 
@@ -105,7 +105,7 @@ def generate(model: Gemma4, prompts: list[list[int]], params: list[SamplingParam
     max_len = min(max(max_len or 0, needed), cfg.max_position_embeddings)
     if compile:  # fewer distinct cache shapes, fewer recompilations
         max_len = min(-(-max_len // 256) * 256, cfg.max_position_embeddings)
-    cache = KVCache(cfg, len(prompts), max_len, model.dtype, device)
+    cache = KVCache(cfg, len(prompts), max_len, cache_dtype(model), device)
     graph = can_graph(model) if cuda_graph is None else cuda_graph
     if graph:
         decode = GraphedDecode(model, cache, len(prompts), compiled_step(model) if compile else _step_logits)

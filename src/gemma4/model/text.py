@@ -122,6 +122,7 @@ def prefill_attention(q, k, v, mask, block: int = 256):
     score, and a sliding layer's 2,048-token prompt sees 768 of the 2,048 keys per block, a causal one half
     (E2B, 2,048 tokens: 267 -> 110 ms per sliding layer, 524 -> 331 ms per full one). Masked keys weigh
     exactly 0 either way. (A GPU's kernels are fast enough; the key range would cost a device sync there.)"""
+    k, v = k.to(q.dtype), v.to(q.dtype)  # a bf16 cache under fp32 activations (engine.kv.cache_dtype)
     gqa = k.shape[1] != q.shape[1]
     T = q.shape[2]
     if q.device.type != "cpu" or T <= block:
@@ -413,6 +414,7 @@ class TextModel(nn.Module):
                         key_rope[kind] = rope_cos_sin(getattr(self, f"inv_freq_{kind}"), plan.key_pos[kind], dtype)
                     c, s = key_rope[kind]
                     k = apply_rope(v.transpose(1, 2) * attn.k_norm.weight.to(dtype), c, s).transpose(1, 2)
+                    k = k.to(v.dtype)  # as a stored K would be (a bf16 cache under fp32 activations)
                 if i in self.donors:
                     shared[i] = (k, v, mask)
             p = ple[:, :, i] if ple is not None else None
