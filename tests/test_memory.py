@@ -79,3 +79,19 @@ def test_kv_pool_takes_memory_only_where_written():
     assert 4096 <= mapping_rss_kb(pool.data_ptr()) < 8192
     assert pool[2].abs().sum() == 0 and pool[3].sum() == 2 * 1024 * 1024
     assert zeros((2, 3), torch.bfloat16, "meta").device.type == "meta"
+
+
+def test_engine_pool_is_not_resident_until_used():
+    from gemma4.engine.engine import Engine
+    from gemma4.llm import tiny_random_model
+
+    def anon_kb():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("RssAnon"))
+
+    model = tiny_random_model()
+    before = anon_kb()
+    engine = Engine(model, kv_memory=256 << 20)
+    pools = [t for t in (*engine.cache.k.values(), *engine.cache.v.values()) if t is not None]
+    assert sum(t.nbytes for t in pools) > 200 << 20
+    assert anon_kb() - before < 16 << 10  # kB

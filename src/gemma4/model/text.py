@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from ..memory import return_freed_heap
 from ..config import LayerSpec, TextConfig
+from ..memory import return_freed_heap
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
