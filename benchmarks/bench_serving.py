@@ -4,8 +4,9 @@ chat turn that shares its prefix with the first (prefix cache), on the full-size
     python benchmarks/bench_serving.py                                  # ckpt/e2b-text (bench_generate makes it)
     python benchmarks/bench_serving.py --checkpoint ckpt/e2b-text-int4 --concurrency 1,4,8
 
-Prints one table row per concurrency (median decode step, aggregate tok/s, ratio to one request) and the
-two TTFTs with their ratio. Targets (issue 4): 8 requests >= 5x one; second turn <= 25% of the first.
+Prints one table row per concurrency (median decode step, best of --rounds alternating rounds; aggregate
+tok/s; ratio to one request) and the two TTFTs with their ratio. Targets (issue 4): 8 requests >= 5x one;
+second turn <= 25% of the first.
 """
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ def main():
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--prefix", type=int, default=2000, help="the first chat turn's prompt (0: skip)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="alternate the concurrencies this often; keep each's best")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, os.path.join(HERE, "..", "src"))
@@ -71,21 +73,27 @@ def main():
     fmt = f"int{model.quantization['bits']}" if model.quantization else "bf16"
     engine = Engine(model, max_seqs=16, stop_ids=())
     print(f"\nE2B text ({fmt} weights, random), {args.threads} threads, prompts of {args.prompt_len} tokens, "
-          f"median of {args.steps} decode steps\n\n| concurrent requests | decode step s | aggregate tok/s | vs one |"
-          "\n|---|---|---|---|")
-    base = None
-    for batch in map(int, args.concurrency.split(",")):
-        rate = decode_rate(engine, batch, args.prompt_len, args.steps)
-        base = base or rate
-        print(f"| {batch} | {batch / rate:.3f} | {rate:.2f} | {rate / base:.2f}x |", flush=True)
+          f"median of {args.steps} decode steps, best of {args.rounds} alternating rounds\n\n"
+          "| concurrent requests | decode step s | aggregate tok/s | vs one |\n|---|---|---|---|")
+    # Alternating rounds, best of each: other processes on a small shared machine slow whichever run they hit,
+    # and one slowed run of either concurrency used to move the ratio by 1-2x.
+    batches, best = [int(b) for b in args.concurrency.split(",")], {}
+    for _ in range(args.rounds):
+        for batch in batches:
+            best[batch] = max(best.get(batch, 0.0), decode_rate(engine, batch, args.prompt_len, args.steps))
+    for batch in batches:
+        rate = best[batch]
+        print(f"| {batch} | {batch / rate:.3f} | {rate:.2f} | {rate / best[batches[0]]:.2f}x |", flush=True)
     if not args.prefix:
         return
     turn1 = ids(args.prefix, 100)
     first, out = ttft(engine, turn1, "turn1")
     turn2 = turn1 + out + ids(40, 101)  # the answer and a new user message
+    cached = engine.scheduler.cached_tokens
     second, _ = ttft(engine, turn2, "turn2")
     print(f"\nTTFT: first turn ({len(turn1)} tokens) {first:.2f} s; second turn ({len(turn2)} tokens, "
-          f"{engine.scheduler.cached_tokens} from the prefix cache) {second:.2f} s = {second / first:.0%} of the first")
+          f"{engine.scheduler.cached_tokens - cached} from the prefix cache) {second:.2f} s = {second / first:.0%} "
+          "of the first")
     print(f"K/V memory: {engine.memory()['used_bytes']} bytes in use after all requests")
 
 
