@@ -94,7 +94,7 @@ def main():
         now = time.perf_counter()
         times.append(now - t)
         t = now
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB -> GB, as bench_generate
     print(f"\n26B-A4B full size, int4 (random weights), {args.threads} threads\n")
     print("| load s | prefill tok/s | decode tok/s (median) | peak RSS GB |\n|---|---|---|---|")
     print(f"| {load:.1f} | {args.prompt_len / times[0]:.1f} | {1 / statistics.median(times[1:]):.2f} | {rss:.2f} |")
