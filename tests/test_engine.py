@@ -8,6 +8,7 @@ import torch
 import gemma4
 from gemma4.engine import runner
 from gemma4.engine.engine import AsyncEngine, Engine
+from gemma4.engine.kv import block_bytes
 from gemma4.engine.sample import Sampler, SamplingParams, sample_rows
 
 LENGTHS = (5, 40, 13, 27)  # the tiny configs' window is 8: every prompt but the first rotates it
@@ -223,6 +224,7 @@ def test_quantized_model_keeps_bf16_kv(ckpt):
     # larger one to dequantize + GEMM, whose roundings differ.
     engine = Engine(model, block_size=8, max_seqs=2, max_step_tokens=64, stop_ids=())
     assert all(t.dtype == torch.bfloat16 for t in engine.cache.v.values())
+    assert engine.block_sizes == {k: block_bytes(model.config.text, k, 8, 2) for k in engine.block_sizes}
     ps, params = prompts((11, 30)), SamplingParams(max_new_tokens=12)
     out, _ = run(engine, {"a": (ps[0], params), "b": (ps[1], params)})
     assert out == {"a": alone(model, ps[0], params), "b": alone(model, ps[1], params)}
