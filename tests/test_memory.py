@@ -71,14 +71,14 @@ def test_ple_row_reader_rejects_bad_ids(ckpt):
 def test_kv_pool_takes_memory_only_where_written():
     """The serving engine's pool (2 GiB by default on a CPU) is zeros that become resident only when written:
     torch.zeros made `gemma4 generate` of int4 E2B peak at 3.6 GB RSS."""
-    from gemma4.engine.kv import zeros
+    from gemma4.engine.kv import zeros_on_touch
 
-    pool = zeros((256, 1024, 1024), torch.float32, "cpu")  # 1 GiB
+    pool = zeros_on_touch((256, 1024, 1024), torch.float32, "cpu")  # 1 GiB
     assert mapping_rss_kb(pool.data_ptr()) < 1024
     pool[3].fill_(2.0)  # one 4 MB slice written
     assert 4096 <= mapping_rss_kb(pool.data_ptr()) < 8192
     assert pool[2].abs().sum() == 0 and pool[3].sum() == 2 * 1024 * 1024
-    assert zeros((2, 3), torch.bfloat16, "meta").device.type == "meta"
+    assert zeros_on_touch((2, 3), torch.bfloat16, "meta").device.type == "meta"
 
 
 def test_engine_pool_is_not_resident_until_used():

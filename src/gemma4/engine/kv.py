@@ -20,7 +20,7 @@ import torch
 from ..config import TextConfig
 
 
-def zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+def zeros_on_touch(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
     """Zeros that take memory only where written, on a CPU: a private anonymous mapping, whose pages the OS
     zero-fills on first touch. torch.zeros writes every byte, so the serving engine's default 2 GiB pool was
     all resident from the start (`gemma4 generate` of int4 E2B peaked at 3.6 GB RSS)."""
@@ -62,8 +62,8 @@ class KVCache:
             if s.kv_shared:
                 continue
             shape = (batch_size, s.num_kv_heads, self.window if s.sliding else max_len, s.head_dim)
-            self.k[s.index] = None if s.k_eq_v else zeros(shape, dtype, device)
-            self.v[s.index] = zeros(shape, dtype, device)
+            self.k[s.index] = None if s.k_eq_v else zeros_on_touch(shape, dtype, device)
+            self.v[s.index] = zeros_on_touch(shape, dtype, device)
         # Position held by each ring slot (-1: empty); the same for every sliding layer.
         self.ring_pos = torch.full((batch_size, self.window), -1, dtype=torch.long, device=device)
 
@@ -190,8 +190,8 @@ class PagedKVCache:
             if s.kv_shared:
                 continue
             shape = (num_blocks["sliding" if s.sliding else "full"] * block_size, s.num_kv_heads, s.head_dim)
-            self.k[s.index] = None if s.k_eq_v else zeros(shape, dtype, device)
-            self.v[s.index] = zeros(shape, dtype, device)
+            self.k[s.index] = None if s.k_eq_v else zeros_on_touch(shape, dtype, device)
+            self.v[s.index] = zeros_on_touch(shape, dtype, device)
 
     def batch(self, positions: torch.Tensor, tables: dict[str, list[list[int | None]]],
               media_groups: torch.Tensor | None = None) -> PagedBatch:
