@@ -111,8 +111,15 @@ def test_fallback_is_exact(bits, monkeypatch):
 def test_dequantize_kernel_is_exact(kernel, bits, group_size, monkeypatch):
     q, s = quantize(torch.randn(37, 384), bits, group_size)
     fast = dequantize(q, s, bits, group_size)
+    into = torch.full((37, 384), float("nan"))  # prefill's reused buffer
+    assert dequantize(q, s, bits, group_size, out=into) is into and torch.equal(into, fast)
+    for bad in (torch.empty(37, 383), torch.empty(37, 384, dtype=torch.float64), torch.empty(384, 37).t()):
+        with pytest.raises(RuntimeError, match="out must be a contiguous float32 \\[37, 384\\]"):
+            torch.ops.gemma4_kernels.dequant_into(q, s, bits, group_size, bad)
     monkeypatch.setenv("GEMMA4_NO_KERNELS", "1")
     assert torch.equal(fast, dequantize(q, s, bits, group_size))  # q * fp16 scale is exact in fp32
+    into.fill_(float("nan"))
+    assert dequantize(q, s, bits, group_size, out=into) is into and torch.equal(into, fast)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -208,6 +215,55 @@ def test_bf16_matmul_routes_decode_rows_to_the_kernel(kernel, monkeypatch):
     assert calls == [(1, 1, 128), (2, 3, 128), (1, 128)]  # 16 rows: the fp32 GEMM
     assert matmul(torch.randn(1, 128), w.float()).dtype == torch.float32  # fp32: plain F.linear
 
+
+
+@pytest.mark.parametrize("M,K,N,depth,block_bytes", [
+    (16, 128, 64, 2048, 3 << 20),  # one GEMM
+    (20, 4200, 70, 2048, 3 << 20),  # E2B-like wide input: 2048 + 2048 + 104 columns
+    (17, 640, 200, 256, 64 * 4 * 256),  # 256-column chunks, 64-row blocks (200 = 3 x 64 + 8)
+])
+def test_bf16_many_rows_fp32_product(M, K, N, depth, block_bytes):
+    """Prefill's bf16 product: fp32 GEMMs over weight blocks and input chunks, one rounding to bf16."""
+    from gemma4.model.text import _fp32_product
+
+    g = torch.Generator().manual_seed(K + N)
+    x, w = torch.randn(2, M, K, generator=g).bfloat16(), torch.randn(N, K, generator=g).bfloat16()
+    out = _fp32_product(x, w, block_bytes=block_bytes, depth=depth)
+    exact = x.double() @ w.double().T
+    assert out.dtype == torch.bfloat16 and out.shape == (2, M, N)
+    assert ((out.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-5 * K ** 0.5).all()
+
+
+def test_prefill_buffers_are_reused_in_and_out_of_inference_mode():
+    """kernels.scratch keeps its buffers per thread; one made under inference_mode is still writable after."""
+    import threading
+
+    from gemma4.model.text import _fp32_product
+
+    x, w, results = torch.randn(20, 128).bfloat16(), torch.randn(64, 128).bfloat16(), []
+
+    def run():  # a new thread: no buffers yet
+        with torch.inference_mode():
+            results.append(_fp32_product(x, w))
+        with torch.no_grad():
+            results.append(_fp32_product(x, w))
+        results.append(kernels.scratch("weights", 10).data_ptr() == kernels.scratch("weights", 5).data_ptr())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert len(results) == 3 and torch.equal(results[0], results[1]) and results[2]
+
+
+def test_bf16_many_rows_product_trains():
+    """With autograd on, the product takes no reused buffers (they would be overwritten under the graph)."""
+    from gemma4.model.text import matmul
+
+    x, w = torch.randn(32, 96).bfloat16().requires_grad_(), torch.randn(40, 96).bfloat16().requires_grad_()
+    matmul(x, w).float().square().sum().backward()
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    (xd @ wd.T).square().sum().backward()
+    assert rel(x.grad, xd.grad) < 2 ** -6 and rel(w.grad, wd.grad) < 2 ** -6
 
 @pytest.mark.parametrize("x,w,message", [
     (torch.randn(1, 64), torch.randn(4, 64).bfloat16(), "x must be a contiguous 2-D bfloat16"),

@@ -6,6 +6,10 @@ import os
 # GEMM, so it works even when torch was imported first; set MKL_DISABLE_FAST_MM=0 to keep the cache.
 os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
 
+from .memory import unpool_large_buffers
+
+unpool_large_buffers()  # freed prompt-sized buffers leave the resident set (see there)
+
 from .chat.parse import parse_output
 from .config import ConfigError, load_config
 from .llm import LLM, GenerationResult

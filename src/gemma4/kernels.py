@@ -17,6 +17,7 @@ import logging
 import os
 import platform
 import re
+import threading
 import warnings
 
 import torch
@@ -105,12 +106,17 @@ def _round(g, d, lo, hi):
     return (g * inv).round_().clamp_(lo, hi)
 
 
-def dequantize(qweight, scales, bits, group_size, dtype=torch.float32):
-    """(qweight, scales) -> W [N, K] in `dtype`."""
+def dequantize(qweight, scales, bits, group_size, dtype=torch.float32, out=None):
+    """(qweight, scales) -> W [N, K] in `dtype` (written into `out`, a contiguous fp32 [N, K], if given)."""
     N, K = _check_weight(qweight, scales, bits, group_size)
     if qweight.device.type == "cpu" and kernel_available():  # ~10x faster than the PyTorch ops below
+        if out is not None:
+            torch.ops.gemma4_kernels.dequant_into(qweight.contiguous(), scales.contiguous(), bits, group_size, out)
+            return out
         w = torch.ops.gemma4_kernels.dequant(qweight.contiguous(), scales.contiguous(), bits, group_size)
         return w.to(dtype)
+    if out is not None:
+        return out.copy_(dequantize(qweight, scales, bits, group_size))
     if bits == 8:
         q = qweight.float()
     else:
@@ -160,6 +166,7 @@ def _load():
     # Shapes for torch.compile, which traces the op without running it (the decode step can be compiled).
     torch.library.register_fake("gemma4_kernels::qgemv")(
         lambda x, qweight, scales, bits, group_size: x.new_empty(x.shape[0], qweight.shape[0]))
+    torch.library.register_fake("gemma4_kernels::dequant_into")(lambda qweight, scales, bits, group_size, out: None)
     torch.library.register_fake("gemma4_kernels::gemv_bf16")(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
     torch.library.register_fake("gemma4_kernels::rms_norm")(lambda x, weight, eps: torch.empty_like(x))
     torch.library.register_fake("gemma4_kernels::decode_attention")(lambda q, k, v, mask: torch.empty_like(q))
@@ -204,15 +211,31 @@ def decode_attention(q, k, v, mask):
 
 def _dequant_matmul(x2, qweight, scales, bits, group_size):
     # Prefill (many rows) is compute bound: an fp32 GEMM is ~7x faster than bf16 (emulated on AVX2 CPUs).
-    # The weight is dequantized in slices of ~4 MB: a whole fp32 copy of a large weight is a fresh mmap each
-    # call, whose page faults alone cost more than the dequantization (17 ms for [6144, 1536]).
-    # Also the fallback when the kernel is unavailable.
+    # The weight is dequantized in slices of ~4 MB into one reused buffer: a whole fp32 copy of a large weight
+    # is a fresh mmap each call, whose page faults alone cost more than the dequantization (17 ms for
+    # [6144, 1536]). Also the fallback when the kernel is unavailable.
     x = x2.float()
-    N = qweight.shape[0]
-    rows = max(1, _DEQUANT_SLICE // qweight.shape[1])
-    if rows >= N:
-        return F.linear(x, dequantize(qweight, scales, bits, group_size))
-    out = x.new_empty(x.shape[0], N)
+    (N, K), M = _check_weight(qweight, scales, bits, group_size), x.shape[0]
+    rows = min(N, max(1, _DEQUANT_SLICE // qweight.shape[1]))
+    w, product = scratch("weights", rows * K).view(rows, K), scratch("product", M * rows)
+    out = x.new_empty(M, N)
     for i in range(0, N, rows):
-        out[:, i:i + rows] = F.linear(x, dequantize(qweight[i:i + rows], scales[i:i + rows], bits, group_size))
+        r = min(rows, N - i)
+        wi = dequantize(qweight[i:i + r], scales[i:i + r], bits, group_size, out=w[:r])
+        out[:, i:i + r] = torch.mm(x, wi.t(), out=product[:M * r].view(M, r))
     return out
+
+
+_scratch = threading.local()  # per thread: fp32 buffers of the prefill products, reused across calls
+
+
+def scratch(name: str, n: int) -> torch.Tensor:
+    """n fp32 elements of a per-thread buffer kept for reuse (grown when too small): prefill's fp32 weight
+    slices, inputs and products. Fresh ones each call were ~1 GB of new pages per 512-token E2B prefill,
+    whose page faults cost 5-10% of it (gemma4.memory.unpool_large_buffers maps every large buffer anew)."""
+    buf = getattr(_scratch, name, None)
+    if buf is None or buf.numel() < n:
+        with torch.inference_mode(False):  # an inference tensor could not be written outside inference mode
+            buf = torch.empty(n, dtype=torch.float32)
+        setattr(_scratch, name, buf)
+    return buf[:n]

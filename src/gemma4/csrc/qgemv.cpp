@@ -462,10 +462,14 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
 
 // W = q * scale as float32 [N, K], for prefill's GEMM.  PyTorch's own uint8 -> float conversion and broadcast
 // multiply run at ~0.5 G elements/s here (45 ms for a [6144, 1536] weight); this is bound by the writes.
-at::Tensor dequant(const at::Tensor& qweight, const at::Tensor& scales, int64_t bits, int64_t group_size) {
+// dequant_into writes into a given fp32 [N, K] buffer: prefill reuses one for every slice of every weight
+// (a fresh 4 MB buffer each was ~1 GB of new pages, i.e. page faults, per 512-token int4 prefill).
+void dequant_into(const at::Tensor& qweight, const at::Tensor& scales, int64_t bits, int64_t group_size,
+                  at::Tensor& out) {
   const int64_t K = check_weight(qweight, scales, bits, group_size);
   const int64_t N = qweight.size(0), nb = K / QK, bpg = group_size / QK, row_bytes = bits == 4 ? K / 2 : K;
-  at::Tensor out = at::empty({N, K}, qweight.options().dtype(at::kFloat));
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(0) == N &&
+              out.size(1) == K, "dequant_into: out must be a contiguous float32 [", N, ", ", K, "] tensor");
   const uint8_t* wbase = static_cast<const uint8_t*>(qweight.data_ptr());
   const uint16_t* sbase = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
   float* obase = out.data_ptr<float>();
@@ -491,6 +495,12 @@ at::Tensor dequant(const at::Tensor& qweight, const at::Tensor& scales, int64_t 
       }
     }
   });
+}
+
+at::Tensor dequant(const at::Tensor& qweight, const at::Tensor& scales, int64_t bits, int64_t group_size) {
+  const int64_t K = check_weight(qweight, scales, bits, group_size);
+  at::Tensor out = at::empty({qweight.size(0), K}, qweight.options().dtype(at::kFloat));
+  dequant_into(qweight, scales, bits, group_size, out);
   return out;
 }
 
@@ -747,6 +757,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 TORCH_LIBRARY(gemma4_kernels, m) {
   m.def("qgemv(Tensor x, Tensor qweight, Tensor scales, int bits, int group_size) -> Tensor");
   m.def("dequant(Tensor qweight, Tensor scales, int bits, int group_size) -> Tensor");
+  m.def("dequant_into(Tensor qweight, Tensor scales, int bits, int group_size, Tensor(a!) out) -> ()");
   m.def("gemv_bf16(Tensor x, Tensor w) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor? weight, float eps) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
@@ -755,6 +766,7 @@ TORCH_LIBRARY(gemma4_kernels, m) {
 TORCH_LIBRARY_IMPL(gemma4_kernels, CPU, m) {
   m.impl("qgemv", &qgemv);
   m.impl("dequant", &dequant);
+  m.impl("dequant_into", &dequant_into);
   m.impl("gemv_bf16", &gemv_bf16);
   m.impl("rms_norm", &rms_norm);
   m.impl("decode_attention", &decode_attention);

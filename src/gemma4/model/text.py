@@ -25,20 +25,42 @@ def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel():
         rows = x.numel() // x.shape[-1]
         if rows >= 16:
+            if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):  # no reused buffers in a graph
+                return F.linear(x.float(), w.float()).to(x.dtype)
             return _fp32_product(x, w)
         if rows <= kernels.MAX_KERNEL_ROWS and w.dim() == 2 and kernels.kernel_available():
             return kernels.gemv_bf16(x, w)
     return F.linear(x, w)
 
 
-def _fp32_product(x: torch.Tensor, w: torch.Tensor, block: int = 512) -> torch.Tensor:
-    """x @ w.T by fp32 GEMMs over 512 weight rows at a time, rounded to x's dtype: a whole fp32 copy of the
-    weight would add its size to peak memory (55 MB for E2B's PLE projection), and a block's copy stays in
-    cache (E2B prefill shapes: 10-25% faster). Same numbers: each output column is one fp32 dot product."""
-    x32, out = x.float(), x.new_empty(*x.shape[:-1], w.shape[0])
-    for n in range(0, w.shape[0], block):
-        out[..., n:n + block] = F.linear(x32, w[n:n + block].float())
-    return out
+def _fp32_product(x: torch.Tensor, w: torch.Tensor, block_bytes: int = 3 << 20, depth: int = 2048) -> torch.Tensor:
+    """x @ w.T by fp32 GEMMs over blocks of weight rows (~3 MB as fp32), rounded to x's dtype. Peak memory of
+    a bf16 prefill is set here: a whole fp32 copy of the weight would add its size (55 MB for E2B's PLE
+    projection), 512-row blocks of the 6144-wide down projection were 12.6 MB, and so was the fp32 copy of its
+    [512, 6144] input; so inputs wider than `depth` are taken `depth` columns at a time, summed in fp32 (the
+    same sum in another order: a bf16 result differs in ~0.02% of entries, by one unit). 128-512 rows and 2048
+    columns run as fast as whole weights here. The fp32 input, weight block and product live in buffers kept
+    for reuse (kernels.scratch); only the result is new."""
+    N, K = w.shape
+    x2, width = x.reshape(-1, K), min(K, depth)
+    block = min(N, max(64, min(512, block_bytes // (4 * width)) // 64 * 64))
+    wbuf = kernels.scratch("weights", block * width).view(block, width)
+    if K <= depth:
+        x32, out = kernels.scratch("input", x2.numel()).view(x2.shape).copy_(x2), x2.new_empty(len(x2), N)
+        prod = kernels.scratch("product", len(x2) * block)
+        for n in range(0, N, block):
+            rows = min(block, N - n)
+            wb = wbuf[:rows].copy_(w[n:n + rows])
+            out[:, n:n + rows] = torch.mm(x32, wb.t(), out=prod[:len(x2) * rows].view(len(x2), rows))
+        return out.view(*x.shape[:-1], N)
+    acc = x2.new_zeros(len(x2), N, dtype=torch.float32)
+    for k in range(0, K, depth):
+        cols = min(depth, K - k)
+        xk = kernels.scratch("input", len(x2) * cols).view(len(x2), cols).copy_(x2[:, k:k + cols])
+        for n in range(0, N, block):
+            rows = min(block, N - n)
+            acc[:, n:n + rows].addmm_(xk, wbuf[:rows, :cols].copy_(w[n:n + rows, k:k + cols]).t())
+    return acc.to(x.dtype).view(*x.shape[:-1], N)
 
 
 class Linear(nn.Linear):
@@ -366,7 +388,12 @@ class TextModel(nn.Module):
         """
         cfg = self.cfg
         B, T, _ = embeds.shape
-        ple = self.per_layer_inputs(ple_ids, embeds) if cfg.ple_dim else None
+        ple = list(self.per_layer_inputs(ple_ids, embeds).unbind(2)) if cfg.ple_dim else [None] * cfg.num_layers
+        if keep is not None and T > 1 and cfg.ple_dim:
+            # One copy per layer, each freed once its layer has run (the KV-shared layers' holding only the kept
+            # tokens): the whole [T, L, P] table lived on to the last non-shared layer, where a prefill's memory
+            # peaks (9 MB of a 512-token bf16 prefill).
+            ple = [p.clone() if i < cfg.first_shared_layer else p[:, keep].clone() for i, p in enumerate(ple)]
         dtype = embeds.dtype
         rope = {kind: rope_cos_sin(getattr(self, f"inv_freq_{kind}"), positions, dtype)
                 for kind in ("sliding", "full") if hasattr(self, f"inv_freq_{kind}")}
@@ -391,9 +418,8 @@ class TextModel(nn.Module):
             if i == cfg.first_shared_layer and keep is not None:
                 # Copies, not views: the prompt-sized tensors are freed here, before the shared layers (a
                 # 512-token prefill of E2B in fp32 held 21 MB of PLE inputs and RoPE tables to the end).
-                p = x_normed = k_new = v_new = None  # the last layer's prompt-sized tensors (p: a view of ple)
+                p = x_normed = k_new = v_new = None  # the last layer's prompt-sized tensors
                 x, positions = x[:, keep].clone(), positions[:, keep]
-                ple = ple[:, keep].clone() if ple is not None else None
                 rope = {kd: (c[:, keep].clone(), s[:, keep].clone()) for kd, (c, s) in rope.items()}
                 cos, sin = rope[kind]
                 shared = {j: (k, v, m[:, :, keep]) for j, (k, v, m) in shared.items()}
@@ -417,7 +443,7 @@ class TextModel(nn.Module):
                     k = k.to(v.dtype)  # as a stored K would be (a bf16 cache under fp32 activations)
                 if i in self.donors:
                     shared[i] = (k, v, mask)
-            p = ple[:, :, i] if ple is not None else None
+            p, ple[i] = ple[i], None
             x = layer(x, x_normed, p, cos, sin, k, v, mask)
         if keep is not None and cfg.first_shared_layer == cfg.num_layers:
             x = x[:, keep]
