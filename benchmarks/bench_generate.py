@@ -252,8 +252,8 @@ def main():
     for r in rows:
         cells = (r["engine"], f"{r['load_s']:.1f}", f"{r['prefill_tok_s']:.1f}",
                  f"{r['prefill_tok_s_long']:.1f}" if "prefill_tok_s_long" in r else "-",
-                 f"{r['decode_tok_s']:.2f}", f"{r['rss_gb']:.2f}",
-                 f"{r['rss_gb_long']:.2f}" if "prefill_tok_s_long" in r else "-", f"{r['kv_bytes'] / 1e6:.1f}")
+                 f"{r['decode_tok_s']:.2f}", f"{r['rss_gb']:.3f}",
+                 f"{r['rss_gb_long']:.3f}" if "prefill_tok_s_long" in r else "-", f"{r['kv_bytes'] / 1e6:.1f}")
         print("| " + " | ".join(cells) + " |")
     print("\n| weights | bytes read per decode step | kernel read speed | decode limit tok/s | ours | fraction |"
           "\n|---|---|---|---|---|---|")
