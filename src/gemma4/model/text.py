@@ -46,14 +46,14 @@ def _fp32_product(x: torch.Tensor, w: torch.Tensor, block_bytes: int = 3 << 20, 
     block = min(N, max(64, min(512, block_bytes // (4 * width)) // 64 * 64))
     wbuf = kernels.scratch("weights", block * width).view(block, width)
     if K <= depth:
-        x32, out = kernels.scratch("input", x2.numel()).view(x2.shape).copy_(x2), x2.new_empty(len(x2), N)
-        prod = kernels.scratch("product", len(x2) * block)
+        x32 = kernels.scratch("input", x2.numel()).view(x2.shape).copy_(x2)  # [M, K] fp32
+        prod, out = kernels.scratch("product", len(x2) * block), x2.new_empty(len(x2), N)
         for n in range(0, N, block):
             rows = min(block, N - n)
             wb = wbuf[:rows].copy_(w[n:n + rows])
             out[:, n:n + rows] = torch.mm(x32, wb.t(), out=prod[:len(x2) * rows].view(len(x2), rows))
         return out.view(*x.shape[:-1], N)
-    acc = x2.new_zeros(len(x2), N, dtype=torch.float32)
+    acc = x2.new_zeros(len(x2), N, dtype=torch.float32)  # [M, N] fp32 sums over the column chunks
     for k in range(0, K, depth):
         cols = min(depth, K - k)
         xk = kernels.scratch("input", len(x2) * cols).view(len(x2), cols).copy_(x2[:, k:k + cols])
