@@ -120,6 +120,9 @@ def test_dequantize_kernel_is_exact(kernel, bits, group_size, monkeypatch):
     assert torch.equal(fast, dequantize(q, s, bits, group_size))  # q * fp16 scale is exact in fp32
     into.fill_(float("nan"))
     assert dequantize(q, s, bits, group_size, out=into) is into and torch.equal(into, fast)
+    for bad in (torch.empty(1, 384), torch.empty(37, 384, dtype=torch.float64), torch.empty(384, 37).t()):
+        with pytest.raises(ValueError, match="out must be a contiguous float32 \\[37, 384\\] tensor"):
+            dequantize(q, s, bits, group_size, out=bad)  # both paths: checked before either runs
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -1,4 +1,6 @@
 """Our logits and greedy tokens against the reference (transformers) on tiny random checkpoints."""
+import functools
+
 import pytest
 import torch
 
@@ -92,7 +94,15 @@ def test_config_layouts_and_unused_kv_give_same_logits(ckpt, shape):
     assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])
 
 
-def test_bf16_close_to_reference(ckpt):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_bf16_close_to_reference(ckpt, monkeypatch, chunked):
+    """chunked: the prefill product in 64-column input chunks and 64-row weight blocks, as E2B's 6144-wide
+    down projection runs (the tiny model's widths are below the 2048-column chunk)."""
+    if chunked:
+        from gemma4.model import text
+
+        monkeypatch.setattr(text, "_fp32_product", functools.partial(text._fp32_product, depth=64,
+                                                                     block_bytes=64 * 4 * 64))
     path, ref = ckpt("e2b")
     ref_bf16 = type(ref).from_pretrained(path, dtype=torch.bfloat16).eval()
     model = gemma4.load(path, dtype="bfloat16", device="cpu")

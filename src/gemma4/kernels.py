@@ -109,6 +109,8 @@ def _round(g, d, lo, hi):
 def dequantize(qweight, scales, bits, group_size, dtype=torch.float32, out=None):
     """(qweight, scales) -> W [N, K] in `dtype` (written into `out`, a contiguous fp32 [N, K], if given)."""
     N, K = _check_weight(qweight, scales, bits, group_size)
+    if out is not None and not (out.dtype == torch.float32 and out.is_contiguous() and out.shape == (N, K)):
+        raise ValueError(f"out must be a contiguous float32 [{N}, {K}] tensor, got {out.dtype} {list(out.shape)}")
     if qweight.device.type == "cpu" and kernel_available():  # ~10x faster than the PyTorch ops below
         if out is not None:
             torch.ops.gemma4_kernels.dequant_into(qweight.contiguous(), scales.contiguous(), bits, group_size, out)
@@ -211,18 +213,25 @@ def decode_attention(q, k, v, mask):
 
 def _dequant_matmul(x2, qweight, scales, bits, group_size):
     # Prefill (many rows) is compute bound: an fp32 GEMM is ~7x faster than bf16 (emulated on AVX2 CPUs).
-    # The weight is dequantized in slices of ~4 MB into one reused buffer: a whole fp32 copy of a large weight
-    # is a fresh mmap each call, whose page faults alone cost more than the dequantization (17 ms for
-    # [6144, 1536]). Also the fallback when the kernel is unavailable.
-    x = x2.float()
-    (N, K), M = _check_weight(qweight, scales, bits, group_size), x.shape[0]
+    # The weight is dequantized in slices of ~4 MB: a whole fp32 copy of a large weight is a fresh mmap each
+    # call, whose page faults alone cost more than the dequantization (17 ms for [6144, 1536]).
+    # Also the fallback when the kernel is unavailable.
+    N, K = _check_weight(qweight, scales, bits, group_size)
     rows = min(N, max(1, _DEQUANT_SLICE // qweight.shape[1]))
+    return blocked_product(x2.float(), N, rows, lambda buf, n: dequantize(
+        qweight[n:n + len(buf)], scales[n:n + len(buf)], bits, group_size, out=buf))
+
+
+def blocked_product(x32, N, rows, fill, dtype=torch.float32):
+    """x32 [M, K] fp32 @ W.T -> [M, N] in `dtype`, for prefill's fp32 GEMMs over bf16 or quantized weights:
+    W [N, K] is made `rows` rows at a time by fill(buf, n), which writes W[n:n + len(buf)] as fp32 into buf
+    and returns it. The weight block and its product live in buffers kept for reuse (`scratch`)."""
+    M, K = x32.shape
     w, product = scratch("weights", rows * K).view(rows, K), scratch("product", M * rows)
-    out = x.new_empty(M, N)
-    for i in range(0, N, rows):
-        r = min(rows, N - i)
-        wi = dequantize(qweight[i:i + r], scales[i:i + r], bits, group_size, out=w[:r])
-        out[:, i:i + r] = torch.mm(x, wi.t(), out=product[:M * r].view(M, r))
+    out = x32.new_empty(M, N, dtype=dtype)
+    for n in range(0, N, rows):
+        r = min(rows, N - n)
+        out[:, n:n + r] = torch.mm(x32, fill(w[:r], n).t(), out=product[:M * r].view(M, r))
     return out
 
 

@@ -39,20 +39,16 @@ def _fp32_product(x: torch.Tensor, w: torch.Tensor, block_bytes: int = 3 << 20, 
     projection), 512-row blocks of the 6144-wide down projection were 12.6 MB, and so was the fp32 copy of its
     [512, 6144] input; so inputs wider than `depth` are taken `depth` columns at a time, summed in fp32 (the
     same sum in another order: a bf16 result differs in ~0.02% of entries, by one unit). 128-512 rows and 2048
-    columns run as fast as whole weights here. The fp32 input, weight block and product live in buffers kept
-    for reuse (kernels.scratch); only the result is new."""
+    columns run as fast as whole weights here. The fp32 input and weight block live in buffers kept for reuse
+    (kernels.scratch); only the result is new."""
     N, K = w.shape
     x2, width = x.reshape(-1, K), min(K, depth)
     block = min(N, max(64, min(512, block_bytes // (4 * width)) // 64 * 64))
-    wbuf = kernels.scratch("weights", block * width).view(block, width)
     if K <= depth:
         x32 = kernels.scratch("input", x2.numel()).view(x2.shape).copy_(x2)  # [M, K] fp32
-        prod, out = kernels.scratch("product", len(x2) * block), x2.new_empty(len(x2), N)
-        for n in range(0, N, block):
-            rows = min(block, N - n)
-            wb = wbuf[:rows].copy_(w[n:n + rows])
-            out[:, n:n + rows] = torch.mm(x32, wb.t(), out=prod[:len(x2) * rows].view(len(x2), rows))
+        out = kernels.blocked_product(x32, N, block, lambda buf, n: buf.copy_(w[n:n + len(buf)]), x.dtype)
         return out.view(*x.shape[:-1], N)
+    wbuf = kernels.scratch("weights", block * width).view(block, width)
     acc = x2.new_zeros(len(x2), N, dtype=torch.float32)  # [M, N] fp32 sums over the column chunks
     for k in range(0, K, depth):
         cols = min(depth, K - k)
