@@ -21,7 +21,6 @@ import threading
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 # Weights per scale by default: 4.25 bits per int4 weight (as mlx-lm's default) instead of Q4_0's 4.5 at group
 # 32. E2B's int4 weights: 1.28 -> 1.21 GB, the difference that brings its peak RSS near 1.5 GB; decode is as fast
