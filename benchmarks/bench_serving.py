@@ -3,6 +3,7 @@ chat turn that shares its prefix with the first (prefix cache), on the full-size
 
     python benchmarks/bench_serving.py                                  # ckpt/e2b-text (bench_generate makes it)
     python benchmarks/bench_serving.py --checkpoint ckpt/e2b-text-int4 --concurrency 1,4,8
+    python benchmarks/bench_serving.py --device cuda                    # the engine on a GPU (eager steps)
 
 Prints one table row per concurrency (median decode step, best of --rounds alternating rounds; aggregate
 tok/s; ratio to one request) and the two TTFTs with their ratio. Targets (issue 4): 8 requests >= 5x one;
@@ -62,6 +63,7 @@ def main():
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--prefix", type=int, default=2000, help="the first chat turn's prompt (0: skip)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--rounds", type=int, default=3, help="alternate the concurrencies this often; keep each's best")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -69,10 +71,13 @@ def main():
     import gemma4
     from gemma4.engine.engine import Engine
 
-    model = gemma4.load(args.checkpoint, device="cpu")  # bf16; fp32 activations for a quantized one
+    if args.device != "cpu" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device here")
+    model = gemma4.load(args.checkpoint, device=args.device)  # bf16; fp32 activations for a quantized one
     fmt = f"int{model.quantization['bits']}" if model.quantization else "bf16"
     engine = Engine(model, max_seqs=16, stop_ids=())
-    print(f"\nE2B text ({fmt} weights, random), {args.threads} threads, prompts of {args.prompt_len} tokens, "
+    where = f"{args.threads} threads" if args.device == "cpu" else torch.cuda.get_device_name(model.device)
+    print(f"\nE2B text ({fmt} weights, random), {where}, prompts of {args.prompt_len} tokens, "
           f"median of {args.steps} decode steps, best of {args.rounds} alternating rounds\n\n"
           "| concurrent requests | decode step s | aggregate tok/s | vs one |\n|---|---|---|---|")
     # Alternating rounds, best of each: other processes on a small shared machine slow whichever run they hit,

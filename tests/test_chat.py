@@ -56,6 +56,7 @@ BAD = [
     (dict(messages=[{"role": "user", "content": "x"}], tool_choice="required"), "tools"),
     (dict(messages=[{"role": "user", "content": "x"}], response_format={"type": "yaml"}), "response_format"),
     (dict(messages=[{"role": "user", "content": "x"}], image_budget=100), "image_budget"),
+    (dict(messages=[{"role": "user", "content": "a " * 131072}]), "the context is 131072"),
 ]
 
 
@@ -63,12 +64,31 @@ BAD = [
 def test_chat_bad_input(llm, kwargs, message):
     with pytest.raises(ValueError, match=message):
         llm.chat(**kwargs)
+    with pytest.raises(ValueError, match=message):  # before anything is queued: nothing to clean up
+        llm.chat_events(**kwargs)
+    assert not llm.engine.has_work()
+
+
+def test_chat_events_stream_the_turn_and_cancel(llm):
+    """chat_events (the streaming chat CLI's path) yields the tokens `chat` returns; leaving early cancels."""
+    messages = [{"role": "user", "content": "Hello"}]
+    r = llm.chat(messages, max_new_tokens=6)
+    req, events = llm.chat_events(messages, max_new_tokens=6)
+    tokens = [token for token, _ in events]
+    assert req.prompt_ids == llm.tokenizer.encode(llm.render_chat(messages))
+    assert llm.tokenizer.decode(tokens) == r.text and len(tokens) == r.completion_tokens
+    _, events = llm.chat_events(messages, max_new_tokens=6)
+    next(events)
+    assert llm.engine.memory()["used_bytes"] > 0
+    events.close()  # as Ctrl-C in `gemma4 chat` does
+    assert llm.engine.memory()["used_bytes"] == 0 and not llm.engine.has_work()
 
 
 def test_cli_chat_session():
-    script = "/think\nHello\n/image /no/such/file.png\n/reset\n/bogus\n/quit\n"
+    script = "/think\nHello\n/image /no/such/file.png\n/reset\n/bogus\n" + "a " * 131072 + "\nHi\n/quit\n"
     r = subprocess.run([sys.executable, "-m", "gemma4.cli", "chat", "--max-new-tokens", "4"], input=script,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "(thinking on)" in r.stdout and "(no such file" in r.stdout and "(history cleared)" in r.stdout
     assert "unknown command" in r.stdout
+    assert "(error: the prompt has 131" in r.stdout  # a message past the context: an error line, not a traceback

@@ -204,7 +204,6 @@ CHAT_HELP = "commands: /think (toggle thinking), /image FILE, /audio FILE, /rese
 
 def cmd_chat(args) -> int:
     from .chat.parse import StreamParser
-    from .chat.request import prepare_chat
 
     llm = _load(args)
     history, pending, thinking = [], [], args.think
@@ -243,16 +242,15 @@ def cmd_chat(args) -> int:
             continue
         message = {"role": "user", "content": [*pending, {"type": "text", "text": line}] if pending else line}
         try:
-            req = prepare_chat(llm, history + [message], enable_thinking=thinking)
+            _, events = llm.chat_events(history + [message], enable_thinking=thinking,
+                                        max_new_tokens=args.max_new_tokens, temperature=args.temperature)
         except ValueError as e:
             print(f"(error: {e})")
             continue
         pending = []
-        media = llm.model.encode_media(req.media) if req.media else None
-        params = SamplingParams(args.max_new_tokens, args.temperature, stop_token_ids=llm.stop_token_ids)
         decoder, parser, answer = llm.tokenizer.decode_stream(), StreamParser(), []
         try:
-            for _, token, reason in llm._engine_events([req.prompt_ids], [params], [media]):
+            for token, reason in events:
                 piece = "" if reason == "stop" else decoder.step(token)
                 for d in parser.feed(piece) + (parser.finish() if reason else []):
                     if d.kind == "reasoning":
@@ -262,8 +260,8 @@ def cmd_chat(args) -> int:
                         answer.append(d.text)
                     else:
                         print(f"[tool call {d.tool_call.name}({d.tool_call.arguments})]", end="", flush=True)
-        except KeyboardInterrupt:  # stop this answer (its request is cancelled), keep the chat
-            pass
+        except KeyboardInterrupt:  # stop this answer (its request is cancelled now), keep the chat
+            events.close()
         print()
         history += [message, {"role": "assistant", "content": "".join(answer)}]
 

@@ -145,20 +145,32 @@ class LLM:
         {"type": "json_schema", "json_schema": {"schema": ...}} are enforced by constrained decoding.
         Sampling keywords as `generate` (temperature, top_k, top_p, min_p, repetition_penalty, seed)."""
         from .chat.parse import parse_output
-        from .chat.request import prepare_chat
 
-        req = prepare_chat(self, messages, tools, tool_choice, response_format, enable_thinking, image_budget)
-        params = SamplingParams(max_new_tokens, stop_token_ids=req.stop_ids or self.stop_token_ids,
-                                **{k: v for k, v in sampling.items() if v is not None})
-        media = self.model.encode_media(req.media) if req.media else None
+        req, events = self.chat_events(messages, tools, tool_choice, response_format, enable_thinking, image_budget,
+                                       max_new_tokens, **sampling)
         tokens, reason = [], None
-        for _, token, reason in self._engine_events([req.prompt_ids], [params], [media], [req.constraint]):
+        for token, reason in events:
             tokens.append(token)
         text = self.tokenizer.decode(tokens)
         out = parse_output(text)
         finish = "tool_calls" if out.tool_calls else reason
         return ChatResult(out.content, out.reasoning_content, out.tool_calls, finish, len(req.prompt_ids),
                           len(tokens), text)
+
+    def chat_events(self, messages, tools=None, tool_choice=None, response_format=None, enable_thinking: bool = False,
+                    image_budget: int | None = None, max_new_tokens: int = 512, **sampling):
+        """Start one assistant turn (arguments as `chat`): returns the prepared request (chat.request.PreparedChat)
+        and a generator of (token id, finish reason) as the tokens come, for `chat` and the streaming chat CLI.
+        A bad request raises ValueError here, before anything runs."""
+        from .chat.request import prepare_chat
+
+        req = prepare_chat(self, messages, tools, tool_choice, response_format, enable_thinking, image_budget)
+        params = SamplingParams(max_new_tokens, stop_token_ids=req.stop_ids or self.stop_token_ids,
+                                **{k: v for k, v in sampling.items() if v is not None})
+        media = self.model.encode_media(req.media) if req.media else None
+        self.engine.check(req.prompt_ids, media)  # now, not at the first token (`gemma4 chat` printed a traceback)
+        events = self._engine_events([req.prompt_ids], [params], [media], [req.constraint])
+        return req, ((token, reason) for _, token, reason in events)
 
     def save_quantized(self, out: str) -> None:
         """Write this (quantized) model as a checkpoint directory that loads without re-quantizing."""

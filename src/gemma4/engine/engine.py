@@ -83,6 +83,16 @@ class Engine:
         """Queue a request. `media`: the soft-token rows of its media slots, in order (Gemma4.encode_media)."""
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
+        slots = self.check(prompt, media)
+        stop = frozenset(params.stop_token_ids) if params.stop_token_ids is not None else self.default_stop
+        seq = Sequence(request_id, list(prompt), params, stop, Sampler(params, seen=set(prompt), constraint=constraint),
+                       media=media if slots else None)
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+
+    def check(self, prompt: list[int], media: torch.Tensor | None = None) -> int:
+        """ValueError unless this engine can take the prompt (ids in the vocabulary, shorter than the context
+        and the K/V memory, one soft-token row per media slot); returns its number of media slots."""
         vocab, context = self.cfg.vocab_size, self.cfg.max_position_embeddings
         if not prompt or not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
             raise ValueError(f"prompt must be a non-empty list of token ids in [0, {vocab})")
@@ -93,11 +103,7 @@ class Engine:
         if slots and (media is None or media.shape[0] != slots):
             raise ValueError(f"the prompt has {slots} media slots but {0 if media is None else media.shape[0]} "
                              f"soft-token rows were given")
-        stop = frozenset(params.stop_token_ids) if params.stop_token_ids is not None else self.default_stop
-        seq = Sequence(request_id, list(prompt), params, stop, Sampler(params, seen=set(prompt), constraint=constraint),
-                       media=media if slots else None)
-        self.sequences[request_id] = seq
-        self.scheduler.add(seq)
+        return slots
 
     def abort(self, request_id: str) -> None:
         """Cancel a request: it ends, and its memory is freed, at the start of the next step."""
