@@ -63,7 +63,7 @@ def main():
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--prefix", type=int, default=2000, help="the first chat turn's prompt (0: skip)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--rounds", type=int, default=3, help="alternate the concurrencies this often; keep each's best")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -71,8 +71,8 @@ def main():
     import gemma4
     from gemma4.engine.engine import Engine
 
-    if args.device != "cpu" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: no CUDA device here")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
     model = gemma4.load(args.checkpoint, device=args.device)  # bf16; fp32 activations for a quantized one
     fmt = f"int{model.quantization['bits']}" if model.quantization else "bf16"
     engine = Engine(model, max_seqs=16, stop_ids=())

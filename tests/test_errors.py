@@ -2,6 +2,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -158,3 +160,16 @@ def test_model_call_bad_input(tiny_llm):
             model(ids)
     with pytest.raises(ValueError, match="attention_mask shape"):
         model(torch.tensor([[1, 2]]), attention_mask=torch.ones(1, 3))
+
+
+BENCH_SERVING = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_serving.py")
+
+
+@pytest.mark.parametrize("device,message", [("tpu", "invalid choice: 'tpu'"),
+                                            ("cuda", "no CUDA device here")])
+def test_bench_serving_bad_device(device, message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = subprocess.run([sys.executable, BENCH_SERVING, "--device", device], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
