@@ -187,10 +187,11 @@ def test_bad_inputs(call, message):
         call()
 
 
-# (M rows of x, K, N): one row (the 4-accumulator path), 2-4 rows (pairs of weight rows, odd N leaves one
-# row alone), 5-16 rows (one weight row x 8), K not a multiple of 16 (the scalar tail), threads split at N=1001.
+# (M rows of x, K, N): one row (bf16 x, 4 accumulators); 2+ rows (fp32 x in tiles of <= 4 rows over pairs of
+# weight rows: 5 rows are tiles of 2 and 3, 9 of 3 x 3, 11 of 3, 4 and 4; an odd N leaves one weight row
+# alone); K not a multiple of 16 (the scalar tail; tiles then start off 32-byte alignment); threads split N.
 BF16_CASES = [(1, 16, 5), (1, 40, 3), (2, 1536, 7), (3, 1536, 300), (4, 1536, 1001), (5, 48, 9),
-              (8, 6144, 101), (11, 1536, 64), (16, 72, 33)]
+              (8, 6144, 101), (9, 40, 17), (11, 1536, 64), (16, 72, 33)]
 
 
 @pytest.mark.parametrize("M,K,N", BF16_CASES)

@@ -28,11 +28,14 @@
 #include <optional>
 #include <cstdint>
 #include <memory>
+#include <type_traits>
 
 #if defined(__GNUC__)
 #define INLINE __attribute__((always_inline))  // the per-block lambdas must not become calls
+#define KEEP_IN_REGISTER(v) asm("" : "+x"(v))  // v is used from a register: no reload per use
 #else
 #define INLINE
+#define KEEP_IN_REGISTER(v)
 #endif
 
 namespace {
@@ -353,17 +356,27 @@ at::Tensor qgemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
 // ---------------------------------------------------------------------------------------------
 // bf16 weights x few rows: out[m, n] = sum_k x[m, k] * W[n, k], W and x bf16 (fp32 accumulation, one rounding).
 // PyTorch's bf16 F.linear reads one row at ~19 GB/s here and runs 8 rows ~7x slower than one (an emulated
-// bf16 GEMM); this reads one row at ~25 GB/s and 8 rows in ~2x the time of one (benchmarks/bench_kernels.py).
+// bf16 GEMM); this reads one row at ~25 GB/s, 2 rows in the same time and 8 in ~2.9x on a half-speed day
+// (benchmarks/bench_kernels.py), where 8 rows are compute-bound.
 // ---------------------------------------------------------------------------------------------
 // A 32-byte load of 16 bf16 values widens to fp32 as two vectors in two cheap ops, no shuffle: the even
 // elements by a shift (v << 16 in each 32-bit lane), the odd ones by a mask (v & 0xFFFF0000). x gets the
-// same split, so the products pair up; a dot product does not care about the order. x stays bf16 (half the
-// cache footprint of fp32: 8 rows of a 1536-wide x fit L1), interleaved as [K / 16][M][16] so that R rows of
-// one chunk sit at fixed offsets from one pointer. NW weight rows x R activation rows per pass: each x load
-// serves NW weight rows (2 x up to 4 rows of x; 1 x 5-8 rows measured faster than 2 x 4 for 8 rows).
-template <int NW, int R>
-void dot_bf16(const uint16_t* w, const uint16_t* xi, int64_t M, int64_t m0, int64_t K, float* out) {
-  constexpr int NA = NW * R >= 8 ? 1 : NW * R >= 4 ? 2 : 4;  // independent accumulators: hide FMA latency
+// same split, so the products pair up; a dot product does not care about the order.
+//   One row of x (a single stream's decode step) is bound by the weight stream: x stays bf16, one weight row
+//     a pass, 4 accumulators.
+//   2+ rows: x is widened to fp32 once per call, in tiles of <= 4 rows, each laid out [K / 16][r][8 even,
+//     8 odd] as one block; two weight rows x one tile a pass (8 accumulators), so the inner loop is FMAs on
+//     loads, each x load serving both weight rows. One weight row x 8 rows of bf16 x widened per weight row
+//     (before 2026-11-23) ran 8 rows at ~60% of the FMA peak; this runs them at ~80% (1.2-1.5x for 2-16
+//     rows, the same fp32 sums to the bit for 8; README "Serving" lists the variants measured).
+// Prefetch (`ahead`): 1 = the same rows PF / 2 ahead; 2 = the next NW rows (a two-row pass reads two streams,
+// which the hardware prefetcher alone served 10-15% slower); 0 = none (a later tile, over rows now cached).
+inline float from_bf16(uint16_t b) { return static_cast<float>(at::BFloat16(b, at::BFloat16::from_bits())); }
+
+template <int NW, int R, typename X>
+void dot_bf16(const uint16_t* w, const X* x, int64_t K, float* out, int ahead) {
+  constexpr bool kF32 = std::is_same_v<X, float>;
+  constexpr int NA = kF32 ? 1 : 4;  // independent accumulator sets: with one row, hide the FMA latency
   __m256 acc[NA][NW][R];
   for (int u = 0; u < NA; ++u)
     for (int j = 0; j < NW; ++j)
@@ -376,19 +389,35 @@ void dot_bf16(const uint16_t* w, const uint16_t* xi, int64_t M, int64_t m0, int6
       we[j] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
       wo[j] = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
     }
-    const uint16_t* x = xi + (c * M + m0) * 16;
-    for (int r = 0; r < R; ++r) {
-      const __m256i v = load(x + r * 16);
-      const __m256 xe = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-      const __m256 xo = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
-      for (int j = 0; j < NW; ++j) acc[u % NA][j][r] = _mm256_fmadd_ps(we[j], xe, acc[u % NA][j][r]);
-      for (int j = 0; j < NW; ++j) acc[(u + 1) % NA][j][r] = _mm256_fmadd_ps(wo[j], xo, acc[(u + 1) % NA][j][r]);
+    const X* xc = x + c * R * 16;
+    if constexpr (kF32) {
+      for (int r = 0; r < R; ++r) {
+        __m256 xe = _mm256_loadu_ps(xc + r * 16);
+        KEEP_IN_REGISTER(xe);  // else GCC folds the load into each of the NW FMAs: NW loads (-20% at NW = 2)
+        for (int j = 0; j < NW; ++j) acc[0][j][r] = _mm256_fmadd_ps(we[j], xe, acc[0][j][r]);
+      }
+      for (int r = 0; r < R; ++r) {
+        __m256 xo = _mm256_loadu_ps(xc + r * 16 + 8);
+        KEEP_IN_REGISTER(xo);
+        for (int j = 0; j < NW; ++j) acc[0][j][r] = _mm256_fmadd_ps(wo[j], xo, acc[0][j][r]);
+      }
+    } else {
+      for (int r = 0; r < R; ++r) {
+        const __m256i v = load(xc + r * 16);
+        const __m256 xe = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        const __m256 xo = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
+        for (int j = 0; j < NW; ++j) acc[u % NA][j][r] = _mm256_fmadd_ps(we[j], xe, acc[u % NA][j][r]);
+        for (int j = 0; j < NW; ++j) acc[(u + 1) % NA][j][r] = _mm256_fmadd_ps(wo[j], xo, acc[(u + 1) % NA][j][r]);
+      }
     }
   };
   const int64_t nc = K / 16;
   int64_t c = 0;
   for (; c + 2 <= nc; c += 2) {  // 64 bytes of each weight row = one cache line per iteration
-    for (int j = 0; j < NW; ++j) prefetch(w + j * K + c * 16 + PF / 2);
+    if (ahead == 1)
+      for (int j = 0; j < NW; ++j) prefetch(w + j * K + c * 16 + PF / 2);
+    else if (ahead == 2)  // the next NW rows are contiguous: NW lines of them per NW lines read here
+      for (int j = 0; j < NW; ++j) prefetch(w + NW * K + (c * NW + j * 2) * 16);
     chunk(c, 0);
     chunk(c + 1, 2);
   }
@@ -400,26 +429,37 @@ void dot_bf16(const uint16_t* w, const uint16_t* xi, int64_t M, int64_t m0, int6
       out[j * MR + r] = hsum(v);
     }
   const int64_t tail = K - nc * 16;
-  auto f32 = [](uint16_t b) { return static_cast<float>(at::BFloat16(b, at::BFloat16::from_bits())); };
-  for (int64_t k = 0; k < tail; ++k)  // K not a multiple of 16 (no Gemma 4 width)
+  for (int64_t k = 0; k < tail; ++k)  // K not a multiple of 16 (no Gemma 4 width): x's tail is [R][K % 16]
     for (int j = 0; j < NW; ++j)
-      for (int r = 0; r < R; ++r) out[j * MR + r] += f32(w[j * K + nc * 16 + k]) * f32(xi[nc * M * 16 + (m0 + r) * tail + k]);
+      for (int r = 0; r < R; ++r) {
+        const X xk = x[nc * R * 16 + r * tail + k];
+        float xv;
+        if constexpr (kF32) xv = xk;
+        else xv = from_bf16(xk);
+        out[j * MR + r] += from_bf16(w[j * K + nc * 16 + k]) * xv;
+      }
 }
 
-constexpr int BR = 8;  // activation rows per bf16 tile
-using Bf16Fn = void (*)(const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t, float*);
-// [r]: the tile for r rows of x over two weight rows (r <= 4) or one
-constexpr Bf16Fn kBf16Pair[BR / 2 + 1] = {nullptr, dot_bf16<2, 1>, dot_bf16<2, 2>, dot_bf16<2, 3>, dot_bf16<2, 4>};
-constexpr Bf16Fn kBf16One[BR + 1] = {nullptr,         dot_bf16<1, 1>, dot_bf16<1, 2>, dot_bf16<1, 3>, dot_bf16<1, 4>,
-                                     dot_bf16<1, 5>, dot_bf16<1, 6>, dot_bf16<1, 7>, dot_bf16<1, 8>};
+constexpr int BR = 4;  // rows of x per tile: two weight rows x 4 rows = 8 accumulators of 16 registers
+using Bf16Fn = void (*)(const uint16_t*, const float*, int64_t, float*, int);
+// [r]: a tile of r rows of x over two weight rows, or over one (the odd last row of a thread's range)
+constexpr Bf16Fn kBf16Pair[BR + 1] = {nullptr, dot_bf16<2, 1, float>, dot_bf16<2, 2, float>, dot_bf16<2, 3, float>,
+                                      dot_bf16<2, 4, float>};
+constexpr Bf16Fn kBf16One[BR + 1] = {nullptr, dot_bf16<1, 1, float>, dot_bf16<1, 2, float>, dot_bf16<1, 3, float>,
+                                     dot_bf16<1, 4, float>};
 
-// x [M, K] bf16 -> [K / 16][M][16] (then the tail, [M][K % 16])
-void interleave_x(const uint16_t* x, int64_t M, int64_t K, uint16_t* xi) {
+// x [R, K] bf16 -> fp32 [K / 16][R][8 even, 8 odd] (then the tail, [R][K % 16])
+void widen_x(const uint16_t* x, int64_t R, int64_t K, float* xf) {
   const int64_t nc = K / 16, tail = K - nc * 16;
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t c = 0; c < nc; ++c)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xi + (c * M + m) * 16), load(x + m * K + c * 16));
-    for (int64_t j = 0; j < tail; ++j) xi[nc * M * 16 + m * tail + j] = x[m * K + nc * 16 + j];
+  const __m256i odd = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t c = 0; c < nc; ++c) {
+      const __m256i v = load(x + r * K + c * 16);
+      _mm256_storeu_ps(xf + (c * R + r) * 16, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+      _mm256_storeu_ps(xf + (c * R + r) * 16 + 8, _mm256_castsi256_ps(_mm256_and_si256(v, odd)));
+    }
+    for (int64_t k = 0; k < tail; ++k)
+      xf[nc * R * 16 + r * tail + k] = from_bf16(x[r * K + nc * 16 + k]);
   }
 }
 
@@ -433,27 +473,40 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
   if (K == 0) return out.zero_();
-  auto xi = buffer<uint16_t>(M * K);
-  interleave_x(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K, xi.get());
+  const uint16_t* xbits = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const uint16_t* wbase = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  const int64_t ntiles = (M + BR - 1) / BR;
+  at::BFloat16* obf = out.data_ptr<at::BFloat16>();
   const int64_t nthreads = at::get_num_threads();
   const int64_t min_rows = std::max<int64_t>(2, (256 * 1024) / (K * 2 * M));
   const int64_t grain = std::max<int64_t>((N + nthreads - 1) / nthreads, min_rows);
-  at::BFloat16* obf = out.data_ptr<at::BFloat16>();
+  if (M == 1) {
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      float res[MR];
+      for (int64_t n = n0; n < n1; ++n) {
+        dot_bf16<1, 1, uint16_t>(wbase + n * K, xbits, K, res, 1);
+        obf[n] = at::BFloat16(res[0]);
+      }
+    });
+    return out;
+  }
+  const int64_t ntiles = (M + BR - 1) / BR;  // nearly equal tiles of at most BR rows
+  auto tile_rows = [&](int64_t t, int64_t m0) { return (M - m0) / (ntiles - t); };
+  // Tile t is one contiguous block at row m0 (16 rows of a 12288-wide x interleaved together spread each
+  // tile over 786 KB, past L2: 0.95x).
+  auto xbuf = buffer<float>(M * K + 16);  // 64-byte aligned below: a 32-byte load never splits a cache line
+  float* xf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(xbuf.get()) + 63) & ~uintptr_t{63});
+  for (int64_t t = 0, m0 = 0; t < ntiles; m0 += tile_rows(t, m0), ++t)
+    widen_x(xbits + m0 * K, tile_rows(t, m0), K, xf + m0 * K);
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     float res[2 * MR];
-    // Two weight rows per pass for 2-4 rows of x; one row of x is bound by the weight stream anyway.
-    const int64_t nw = M == 1 || M > 4 ? 1 : 2;
-    for (int64_t n = n0; n < n1; n += nw) {
-      const int64_t here = std::min(nw, n1 - n);
-      int64_t m0 = 0;
-      for (int64_t t = 0; t < ntiles; ++t) {
-        const int64_t r = (M - m0) / (ntiles - t);
-        (here == 2 ? kBf16Pair : kBf16One)[r](wbase + n * K, xi.get(), M, m0, K, res);
+    for (int64_t n = n0; n < n1; n += 2) {
+      const int64_t here = std::min<int64_t>(2, n1 - n);
+      for (int64_t t = 0, m0 = 0; t < ntiles; m0 += tile_rows(t, m0), ++t) {
+        const int64_t r = tile_rows(t, m0);
+        // The first tile streams the weight rows and prefetches the next ones; later tiles find them cached.
+        (here == 2 ? kBf16Pair : kBf16One)[r](wbase + n * K, xf + m0 * K, K, res, t > 0 ? 0 : here == 2 ? 2 : 1);
         for (int64_t j = 0; j < here; ++j)
           for (int64_t i = 0; i < r; ++i) obf[(m0 + i) * N + n + j] = at::BFloat16(res[j * MR + i]);
-        m0 += r;
       }
     }
   });
