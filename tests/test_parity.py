@@ -113,9 +113,11 @@ def test_bf16_close_to_reference(ckpt, monkeypatch, chunked):
     assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item() >= 0.95
 
 
-def test_bf16_decode_matches_reference(ckpt, monkeypatch):
-    """bf16 decode steps (one row per step: our bf16 kernel on a CPU) against the reference's bf16 decode:
-    each step's logits close, the greedy tokens identical."""
+@pytest.mark.parametrize("batch", [1, 5])
+def test_bf16_decode_matches_reference(ckpt, monkeypatch, batch):
+    """bf16 decode steps against the reference's bf16 decode: each step's logits close, the greedy tokens
+    identical. On a CPU every step goes to our bf16 kernel: one row (bf16 x), or 5 sequences at once (x
+    widened to fp32 in tiles of 2 and 3 rows over pairs of weight rows)."""
     from gemma4 import kernels
     from gemma4.engine.kv import KVCache
     from gemma4.engine.runner import step_logits
@@ -123,26 +125,26 @@ def test_bf16_decode_matches_reference(ckpt, monkeypatch):
     path, ref = ckpt("e2b", tame=True)
     ref_bf16 = type(ref).from_pretrained(path, dtype=torch.bfloat16).eval()
     model = gemma4.load(path, dtype="bfloat16", device="cpu")
-    calls = []
+    rows = []
     if kernels.kernel_available():  # the test is about the kernel path where there is one
         real = kernels.gemv_bf16
-        monkeypatch.setattr(kernels, "gemv_bf16", lambda x, w: calls.append(1) or real(x, w))
-    ids = prompt()
+        monkeypatch.setattr(kernels, "gemv_bf16", lambda x, w: rows.append(x.numel() // x.shape[-1]) or real(x, w))
+    ids = prompt(batch=batch)
     steps = 12
     with torch.no_grad():
         want = ref_bf16.generate(ids, max_new_tokens=steps, do_sample=False, output_logits=True,
                                  return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
-    cache = KVCache(model.config.text, 1, ids.shape[1] + steps, torch.bfloat16, "cpu")
+    cache = KVCache(model.config.text, batch, ids.shape[1] + steps, torch.bfloat16, "cpu")
     tokens, pos, x = [], ids.shape[1], ids
-    positions = torch.arange(pos)[None]
+    positions = torch.arange(pos)[None].expand(batch, -1)
     for i in range(steps):
         logits = step_logits(model, x, positions, cache).float()
         theirs = want.logits[i].float()
         assert (logits - theirs).abs().max().item() <= 0.02 * theirs.abs().max().item(), i
-        tokens.append(int(logits.argmax(-1)))
-        x, positions, pos = torch.tensor([[tokens[-1]]]), torch.tensor([[pos]]), pos + 1
-    assert tokens == want.sequences[0, ids.shape[1]:].tolist()
-    assert not kernels.kernel_available() or calls
+        tokens.append(logits.argmax(-1))
+        x, positions, pos = tokens[-1][:, None], torch.full((batch, 1), pos), pos + 1
+    assert torch.stack(tokens, 1).tolist() == want.sequences[:, ids.shape[1]:].tolist()
+    assert not kernels.kernel_available() or batch in rows
 
 
 def test_sharded_checkpoint_with_media_towers(ckpt):

@@ -372,6 +372,11 @@ at::Tensor qgemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
 // Prefetch (`ahead`): 1 = the same rows PF / 2 ahead; 2 = the next NW rows (a two-row pass reads two streams,
 // which the hardware prefetcher alone served 10-15% slower); 0 = none (a later tile, over rows now cached).
 inline float from_bf16(uint16_t b) { return static_cast<float>(at::BFloat16(b, at::BFloat16::from_bits())); }
+// 16 bf16 values -> their even elements and their odd ones as fp32 (see above)
+inline __m256 even_bf16(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+inline __m256 odd_bf16(__m256i v) {
+  return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
 
 template <int NW, int R, typename X>
 void dot_bf16(const uint16_t* w, const X* x, int64_t K, float* out, int ahead) {
@@ -381,13 +386,12 @@ void dot_bf16(const uint16_t* w, const X* x, int64_t K, float* out, int ahead) {
   for (int u = 0; u < NA; ++u)
     for (int j = 0; j < NW; ++j)
       for (int r = 0; r < R; ++r) acc[u][j][r] = _mm256_setzero_ps();
-  const __m256i odd = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   auto chunk = [&](int64_t c, int u) INLINE {
     __m256 we[NW], wo[NW];
     for (int j = 0; j < NW; ++j) {
       const __m256i v = load(w + j * K + c * 16);
-      we[j] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-      wo[j] = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
+      we[j] = even_bf16(v);
+      wo[j] = odd_bf16(v);
     }
     const X* xc = x + c * R * 16;
     if constexpr (kF32) {
@@ -404,8 +408,7 @@ void dot_bf16(const uint16_t* w, const X* x, int64_t K, float* out, int ahead) {
     } else {
       for (int r = 0; r < R; ++r) {
         const __m256i v = load(xc + r * 16);
-        const __m256 xe = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-        const __m256 xo = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
+        const __m256 xe = even_bf16(v), xo = odd_bf16(v);
         for (int j = 0; j < NW; ++j) acc[u % NA][j][r] = _mm256_fmadd_ps(we[j], xe, acc[u % NA][j][r]);
         for (int j = 0; j < NW; ++j) acc[(u + 1) % NA][j][r] = _mm256_fmadd_ps(wo[j], xo, acc[(u + 1) % NA][j][r]);
       }
@@ -451,12 +454,11 @@ constexpr Bf16Fn kBf16One[BR + 1] = {nullptr, dot_bf16<1, 1, float>, dot_bf16<1,
 // x [R, K] bf16 -> fp32 [K / 16][R][8 even, 8 odd] (then the tail, [R][K % 16])
 void widen_x(const uint16_t* x, int64_t R, int64_t K, float* xf) {
   const int64_t nc = K / 16, tail = K - nc * 16;
-  const __m256i odd = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t r = 0; r < R; ++r) {
     for (int64_t c = 0; c < nc; ++c) {
       const __m256i v = load(x + r * K + c * 16);
-      _mm256_storeu_ps(xf + (c * R + r) * 16, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
-      _mm256_storeu_ps(xf + (c * R + r) * 16 + 8, _mm256_castsi256_ps(_mm256_and_si256(v, odd)));
+      _mm256_storeu_ps(xf + (c * R + r) * 16, even_bf16(v));
+      _mm256_storeu_ps(xf + (c * R + r) * 16 + 8, odd_bf16(v));
     }
     for (int64_t k = 0; k < tail; ++k)
       xf[nc * R * 16 + r * tail + k] = from_bf16(x[r * K + nc * 16 + k]);
