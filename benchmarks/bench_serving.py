@@ -7,7 +7,9 @@ chat turn that shares its prefix with the first (prefix cache), on the full-size
 
 Prints one table row per concurrency (median decode step, best of --rounds alternating rounds; aggregate
 tok/s; ratio to one request) and the two TTFTs with their ratio. Targets (issue 4): 8 requests >= 5x one;
-second turn <= 25% of the first.
+second turn <= 25% of the first. For bf16 weights on a CPU it also prints the ceiling this machine puts on
+the ratio: a step's weight products counted, at the fp32 GEMM speed measured in the same run (the kernel
+computes bf16 products in fp32 FMAs; with several requests they, not the weight reads, bound the step).
 """
 from __future__ import annotations
 
@@ -40,6 +42,43 @@ def decode_rate(engine, batch: int, prompt_len: int, steps: int) -> float:
         if decoding and len(engine.scheduler.running) == batch:
             times.append(time.perf_counter() - t)
     return batch / statistics.median(times)
+
+
+def gemm_gflops(threads: int) -> float:
+    """This machine's fp32 matmul speed now (best of 10 [2048 x 2048] products): close to its FMA peak."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(10))
+    return 2 * 2048 ** 3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def step_gflop(engine, batch: int, prompt_len: int) -> float:
+    """GFLOP of the weight products in one decode step of `batch` requests (counted as the kernel is called)."""
+    from gemma4 import kernels
+    from gemma4.engine.sample import SamplingParams
+
+    flop, real = [0], kernels.gemv_bf16
+
+    def counting(x, w):
+        flop[0] += 2 * x.numel() * w.shape[0]
+        return real(x, w)
+    for i in range(batch):
+        engine.add(f"count-{i}", ids(prompt_len, i), SamplingParams(max_new_tokens=2))
+    while engine.has_work():
+        decoding = all(s.uncomputed == 1 for s in engine.scheduler.running) and not engine.scheduler.waiting
+        if decoding:
+            kernels.gemv_bf16 = counting
+        try:
+            engine.step()
+        finally:
+            kernels.gemv_bf16 = real
+    return flop[0] / 1e9
 
 
 def ttft(engine, prompt: list[int], rid: str) -> tuple[float, list[int]]:
@@ -89,6 +128,13 @@ def main():
     for batch in batches:
         rate = best[batch]
         print(f"| {batch} | {batch / rate:.3f} | {rate:.2f} | {rate / best[batches[0]]:.2f}x |", flush=True)
+    if args.device == "cpu" and not model.quantization and len(batches) > 1:
+        top, gflops = batches[-1], gemm_gflops(args.threads)
+        work = step_gflop(engine, top, args.prompt_len)
+        floor = work / gflops
+        print(f"\nCeiling: one {top}-request decode step multiplies {work:.1f} GFLOP of weights; at this machine's "
+              f"fp32 GEMM speed now ({gflops:.0f} GFLOP/s) that alone takes {floor:.3f} s, so {top} requests can "
+              f"reach about {top / floor / best[batches[0]]:.2f}x {batches[0]} here at best")
     if not args.prefix:
         return
     turn1 = ids(args.prefix, 100)
