@@ -41,10 +41,12 @@ def decode_rate(engine, batch: int, prompt_len: int, steps: int) -> float:
         engine.step()
         if decoding and len(engine.scheduler.running) == batch:
             times.append(time.perf_counter() - t)
+    if not times:
+        raise SystemExit(f"no step had all {batch} requests decoding at once: raise --steps (now {steps})")
     return batch / statistics.median(times)
 
 
-def gemm_gflops(threads: int) -> float:
+def gemm_gflops() -> float:
     """This machine's fp32 matmul speed now (best of 10 [2048 x 2048] products): close to its FMA peak."""
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     a @ b
@@ -59,25 +61,32 @@ def _timed(fn) -> float:
 
 
 def step_gflop(engine, batch: int, prompt_len: int) -> float:
-    """GFLOP of the weight products in one decode step of `batch` requests (counted as the kernel is called)."""
-    from gemma4 import kernels
+    """GFLOP of the weight products in one decode step of `batch` requests, counted as `matmul` is called
+    (whichever route each product takes)."""
     from gemma4.engine.sample import SamplingParams
+    from gemma4.model import text
 
-    flop, real = [0], kernels.gemv_bf16
+    flop, real = [0], text.matmul
 
     def counting(x, w):
         flop[0] += 2 * x.numel() * w.shape[0]
         return real(x, w)
     for i in range(batch):
-        engine.add(f"count-{i}", ids(prompt_len, i), SamplingParams(max_new_tokens=2))
+        engine.add(f"count-{i}", ids(prompt_len, i), SamplingParams(max_new_tokens=64))
+    counted = False
     while engine.has_work():
-        decoding = all(s.uncomputed == 1 for s in engine.scheduler.running) and not engine.scheduler.waiting
-        if decoding:
-            kernels.gemv_bf16 = counting
+        running = engine.scheduler.running
+        if not counted and len(running) == batch and all(s.uncomputed == 1 for s in running):
+            text.matmul, counted = counting, True  # the first step where all `batch` requests decode
         try:
             engine.step()
         finally:
-            kernels.gemv_bf16 = real
+            text.matmul = real
+        if counted:
+            for i in range(batch):
+                engine.abort(f"count-{i}")
+    if not counted:
+        raise SystemExit(f"no step had all {batch} requests decoding at once")
     return flop[0] / 1e9
 
 
@@ -129,7 +138,7 @@ def main():
         rate = best[batch]
         print(f"| {batch} | {batch / rate:.3f} | {rate:.2f} | {rate / best[batches[0]]:.2f}x |", flush=True)
     if args.device == "cpu" and not model.quantization and len(batches) > 1:
-        top, gflops = batches[-1], gemm_gflops(args.threads)
+        top, gflops = batches[-1], gemm_gflops()
         work = step_gflop(engine, top, args.prompt_len)
         floor = work / gflops
         print(f"\nCeiling: one {top}-request decode step multiplies {work:.1f} GFLOP of weights; at this machine's "

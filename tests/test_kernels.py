@@ -211,13 +211,18 @@ def test_bf16_matmul_routes_decode_rows_to_the_kernel(kernel, monkeypatch):
     w, calls = torch.randn(64, 128).bfloat16(), []
     real = kernels.gemv_bf16
     monkeypatch.setattr(kernels, "gemv_bf16", lambda x, w: calls.append(x.shape) or real(x, w))
-    for shape in [(1, 1, 128), (2, 3, 128), (16, 128), (1, 128)]:
+    for shape in [(1, 1, 128), (2, 3, 128), (16, 128), (4, 16, 128), (65, 128), (1, 128)]:
         x = torch.randn(shape).bfloat16()
         out = matmul(x, w)
         assert out.shape == (*shape[:-1], 64) and out.dtype == torch.bfloat16
         assert rel(out, x.float() @ w.float().T) < 2 ** -8
-    assert calls == [(1, 1, 128), (2, 3, 128), (1, 128)]  # 16 rows: the fp32 GEMM
+    # up to 64 rows: the kernel (16 decodes a step were 3.5x slower through the fp32 GEMM); 65: the fp32 GEMM
+    assert calls == [(1, 1, 128), (2, 3, 128), (16, 128), (4, 16, 128), (1, 128)]
     assert matmul(torch.randn(1, 128), w.float()).dtype == torch.float32  # fp32: plain F.linear
+    x = torch.randn(2, 128).bfloat16().requires_grad_()
+    out = matmul(x, w)  # a graph: never the kernel, which has no backward
+    out.float().sum().backward()
+    assert len(calls) == 5 and torch.allclose(x.grad.float(), w.float().sum(0).expand(2, -1), rtol=2 ** -7)
 
 
 

@@ -94,23 +94,27 @@ def test_config_layouts_and_unused_kv_give_same_logits(ckpt, shape):
     assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])
 
 
-@pytest.mark.parametrize("chunked", [False, True])
-def test_bf16_close_to_reference(ckpt, monkeypatch, chunked):
-    """chunked: the prefill product in 64-column input chunks and 64-row weight blocks, as E2B's 6144-wide
-    down projection runs (the tiny model's widths are below the 2048-column chunk)."""
-    if chunked:
-        from gemma4.model import text
+@pytest.mark.parametrize("route", ["kernel", "fp32", "fp32 chunked"])
+def test_bf16_close_to_reference(ckpt, monkeypatch, route):
+    """A bf16 prefill against the reference's. 21 tokens go to our kernel (up to 64 rows), 80 to the fp32
+    GEMM; chunked: that GEMM in 64-column input chunks and 64-row weight blocks, as E2B's 6144-wide down
+    projection runs (the tiny model's widths are below the 2048-column chunk)."""
+    from gemma4 import kernels
+    from gemma4.model import text
 
-        monkeypatch.setattr(text, "_fp32_product", functools.partial(text._fp32_product, depth=64,
-                                                                     block_bytes=64 * 4 * 64))
+    real, calls = text._fp32_product, []
+    options = dict(depth=64, block_bytes=64 * 4 * 64) if route == "fp32 chunked" else {}
+    monkeypatch.setattr(text, "_fp32_product", lambda x, w: calls.append(len(x)) or real(x, w, **options))
     path, ref = ckpt("e2b")
     ref_bf16 = type(ref).from_pretrained(path, dtype=torch.bfloat16).eval()
     model = gemma4.load(path, dtype="bfloat16", device="cpu")
-    ids = prompt()
+    ids = prompt(21 if route == "kernel" else 80)
     with torch.no_grad():
         ours, theirs = model(ids).float(), ref_bf16(input_ids=ids).logits.float()
     assert (ours - theirs).abs().max().item() <= 0.02 * theirs.abs().max().item()
     assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item() >= 0.95
+    if kernels.kernel_available():  # the route taken is the one named
+        assert (not calls) == (route == "kernel")
 
 
 @pytest.mark.parametrize("batch", [1, 5])

@@ -27,6 +27,10 @@ import torch
 # (the kernel's time per weight row is the same); relative RMS error on Gaussian weights 0.083 -> 0.090.
 DEFAULT_GROUP_SIZE = 64
 MAX_KERNEL_ROWS = 16  # decode-sized products (1 token, or a few drafted ones) go to the kernel; prefill to a GEMM
+# bf16 weights: up to 64 rows go to gemv_bf16. The fp32 GEMM path converts each weight block to fp32 first (~1.3
+# ns a weight here), and measured 2-4x slower than the kernel at 16-64 rows and about even at 128 (E2B shapes,
+# 2026-11-23); with the limit at 16, a step of 16 decodes (the engine's default max_seqs) took 4.8 s, not ~1.3.
+MAX_BF16_KERNEL_ROWS = 64
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DEQUANT_SLICE = 1 << 19  # bytes of packed weight dequantized at a time for prefill (-> 4 MB fp32 from int4)
 

@@ -19,17 +19,19 @@ from ..memory import return_freed_heap
 
 def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ w.T. On a CPU, bf16 products avoid PyTorch's bf16 GEMM, which most CPUs emulate (6x slower than
-    fp32 here; 8 rows cost 7x one row): many rows run in fp32, the result rounded back to bf16 as the
-    reference's bf16 matmul rounds it; a few rows (decode) go to our kernel, which reads the bf16 weights
-    once for all of them at ~1.4x F.linear's speed (benchmarks/bench_kernels.py)."""
+    fp32 here; 8 rows cost 7x one row): up to 64 rows (decode steps, short prompt chunks) go to our kernel,
+    which reads the bf16 weights once for all of them at ~1.4x F.linear's speed for one row
+    (benchmarks/bench_kernels.py); more rows run as fp32 GEMMs. Both sum in fp32 and round once to bf16, as
+    the reference's bf16 matmul rounds."""
     if x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel():
         rows = x.numel() // x.shape[-1]
-        if rows >= 16:
-            if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):  # no reused buffers in a graph
-                return F.linear(x.float(), w.float()).to(x.dtype)
-            return _fp32_product(x, w)
-        if rows <= kernels.MAX_KERNEL_ROWS and w.dim() == 2 and kernels.kernel_available():
+        # A graph needs a backward (the kernel has none) and no reused buffers (_fp32_product's).
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+            return F.linear(x.float(), w.float()).to(x.dtype)
+        if rows <= kernels.MAX_BF16_KERNEL_ROWS and w.dim() == 2 and kernels.kernel_available():
             return kernels.gemv_bf16(x, w)
+        if rows >= 16:
+            return _fp32_product(x, w)
     return F.linear(x, w)
 
 
