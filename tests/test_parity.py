@@ -117,11 +117,12 @@ def test_bf16_close_to_reference(ckpt, monkeypatch, route):
         assert (not calls) == (route == "kernel")
 
 
-@pytest.mark.parametrize("batch", [1, 5])
-def test_bf16_decode_matches_reference(ckpt, monkeypatch, batch):
+@pytest.mark.parametrize("batch,length", [(1, PROMPT_LEN), (5, PROMPT_LEN), (16, PROMPT_LEN), (1, 80)])
+def test_bf16_decode_matches_reference(ckpt, monkeypatch, batch, length):
     """bf16 decode steps against the reference's bf16 decode: each step's logits close, the greedy tokens
-    identical. On a CPU every step goes to our bf16 kernel: one row (bf16 x), or 5 sequences at once (x
-    widened to fp32 in tiles of 2 and 3 rows over pairs of weight rows)."""
+    identical. On a CPU every step goes to our bf16 kernel: one row (bf16 x), or 5 or 16 sequences at once (x
+    widened to fp32 in tiles of 2-4 rows over pairs of weight rows; 16 rows went to the fp32 GEMM before).
+    The prefill: 21 rows through the kernel, 80 (or 16 x 21) through the fp32 GEMM."""
     from gemma4 import kernels
     from gemma4.engine.kv import KVCache
     from gemma4.engine.runner import step_logits
@@ -133,7 +134,7 @@ def test_bf16_decode_matches_reference(ckpt, monkeypatch, batch):
     if kernels.kernel_available():  # the test is about the kernel path where there is one
         real = kernels.gemv_bf16
         monkeypatch.setattr(kernels, "gemv_bf16", lambda x, w: rows.append(x.numel() // x.shape[-1]) or real(x, w))
-    ids = prompt(batch=batch)
+    ids = prompt(length, batch=batch)
     steps = 12
     with torch.no_grad():
         want = ref_bf16.generate(ids, max_new_tokens=steps, do_sample=False, output_logits=True,
