@@ -155,6 +155,68 @@ def test_async_engine_concurrent_requests_and_disconnect(model):
     assert engine.memory()["used_bytes"] == 0
 
 
+class ExplodingGrammar:
+    """A constraint whose fourth mask raises, as a grammar that breaks down mid-output does."""
+
+    def __init__(self):
+        self.masks = 0
+
+    def mask_logits(self, logits):
+        self.masks += 1
+        if self.masks == 4:
+            raise ValueError("the grammar broke")
+        return logits
+
+    def accept(self, token):
+        pass
+
+
+def test_a_failing_sequence_ends_alone(model, monkeypatch, caplog):
+    """Its sampler or grammar fails mid-decode, or its forward fails inside a decode batch (a one-token prompt
+    is fed with the decodes): that sequence ends with "error" (logged, its memory freed), the others run on
+    with the tokens they make alone."""
+    from gemma4.engine import engine as engine_module
+
+    real = engine_module.forward_paged
+
+    def forward(model, cache, ids, *args, **kw):
+        if [77] in ids:
+            raise RuntimeError("this row cannot run")
+        return real(model, cache, ids, *args, **kw)
+
+    monkeypatch.setattr(engine_module, "forward_paged", forward)
+    ps, params = prompts((9, 17, 6)), SamplingParams(max_new_tokens=10)
+    engine = Engine(model, block_size=4, max_seqs=8, stop_ids=())
+    for rid, p, c in (("a", ps[0], None), ("b", ps[1], None), ("grammar", ps[2], ExplodingGrammar())):
+        engine.add(rid, p, params, constraint=c)
+    out, reasons, steps = {"a": [], "b": [], "grammar": [], "forward": []}, {}, 0
+    while engine.has_work():
+        if steps == 2:  # joins the decode batch of a, b and grammar
+            engine.add("forward", [77], params)
+        for ev in engine.step():
+            out[ev.request_id] += [ev.token_id] if ev.token_id is not None else []
+            reasons[ev.request_id] = ev.finish_reason
+        steps += 1
+    assert engine.memory()["used_bytes"] == 0
+    assert reasons == {"a": "length", "b": "length", "forward": "error", "grammar": "error"}
+    assert out["a"] == alone(model, ps[0], params) and out["b"] == alone(model, ps[1], params)
+    assert out["forward"] == [] and len(out["grammar"]) == 3
+    logged = {r.getMessage() for r in caplog.records if r.name == "gemma4.engine"}
+    assert logged == {"request grammar failed: ValueError: the grammar broke",
+                      "request forward failed: RuntimeError: this row cannot run"}
+
+
+def test_repetition_penalty_in_the_engine(model):
+    """The penalty divides/multiplies the logits of tokens already seen; the engine's logits are inference
+    tensors, which the sampler once wrote into (an error outside inference mode)."""
+    ps = prompts((9, 17))
+    penalized = SamplingParams(max_new_tokens=12, repetition_penalty=2.0)
+    engine = Engine(model, block_size=4, max_seqs=2, stop_ids=())
+    out, reasons = run(engine, {"a": (ps[0], penalized), "b": (ps[1], SamplingParams(max_new_tokens=12))})
+    assert reasons == {"a": "length", "b": "length"}
+    assert out["a"] == alone(model, ps[0], penalized) != alone(model, ps[0], SamplingParams(max_new_tokens=12))
+
+
 def test_chunks_never_split_a_media_run(model):
     engine = Engine(model, block_size=4, max_seqs=1, stop_ids=())
     sched = engine.scheduler

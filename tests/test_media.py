@@ -222,6 +222,13 @@ def test_bad_video():
         media.load_video(wav_bytes(np.zeros(1600, np.float32)))
 
 
+def test_video_frames_over_the_pixel_limit_are_not_decoded(monkeypatch):
+    monkeypatch.setattr(media, "MAX_IMAGE_PIXELS", 128 * 72 - 1)
+    monkeypatch.setattr(media, "resize_frames", lambda *a: pytest.fail("a frame was decoded"))
+    with pytest.raises(MediaError, match="MP limit"):
+        media.load_video(make_video(seconds=0.5, w=128, h=72))
+
+
 # ---- bad images and audio ------------------------------------------------------------------------------------------
 def wav_bytes(wave, rate=16000, channels=1):
     import soundfile as sf
@@ -293,6 +300,32 @@ def test_bad_audio():
             media.preprocess_audio(bad)
     with pytest.raises(MediaError, match="truncated"):
         media.preprocess_audio(data[: len(data) // 2])
+
+
+def test_audio_bombs(monkeypatch):
+    """Rates whose exact resampling filter would take gigabytes (44,101 Hz: 706 million taps), rates past
+    384 kHz, more decoded samples than the budget, and compressed audio past 30 s: refused before the work."""
+    with pytest.raises(MediaError, match="44101 Hz cannot be resampled"):
+        media.preprocess_audio(wav_bytes(np.zeros(441, np.float32), rate=44101))
+    with pytest.raises(MediaError, match="sample rate 500000 Hz is not supported"):
+        media.preprocess_audio(wav_bytes(np.zeros(500, np.float32), rate=500_000))
+    for rate in (8000, 11025, 22050, 44100, 48000, 96000, 44056):  # common rates (and NTSC's) resample
+        assert media.load_audio(wav_bytes(np.zeros(rate // 10, np.float32), rate=rate)).shape == (1600,)
+    import av
+
+    buf = io.BytesIO()  # 32 s of AAC: no duration before decoding; refused as the decoder passes 31 s
+    with av.open(buf, "w", format="mp4") as c:
+        s = c.add_stream("aac", rate=16000)
+        s.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 16000 * 32), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for p in [*s.encode(frame), *s.encode()]:
+            c.mux(p)
+    with pytest.raises(MediaError, match="at most 30 s"):
+        media.load_audio(buf.getvalue())
+    monkeypatch.setattr(media, "MAX_AUDIO_SAMPLES", 16000)
+    with pytest.raises(MediaError, match="too large to decode"):
+        media.load_audio(wav_bytes(np.zeros((9000, 2), np.float32)))
 
 
 def test_audio_files():

@@ -41,6 +41,20 @@ def test_greedy_32_tokens_match_reference(ckpt, shape):
     assert out.finish_reason == "length"
 
 
+def test_repetition_penalty_matches_reference(ckpt):
+    """Greedy with repetition_penalty (transformers' RepetitionPenaltyLogitsProcessor: prompt and output tokens),
+    through the serving engine, whose logits are inference tensors."""
+    path, ref = ckpt("e2b")
+    ids = prompt()
+    expected = ref.generate(ids, max_new_tokens=24, do_sample=False, repetition_penalty=1.3, eos_token_id=None,
+                            pad_token_id=0)
+    plain = ref.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert not torch.equal(expected, plain)  # the penalty changes the output
+    [out] = gemma4.LLM(path, dtype="float32", device="cpu").generate([ids[0].tolist()], max_new_tokens=24,
+                                                                      repetition_penalty=1.3, stop_token_ids=[])
+    assert out.token_ids == expected[0, PROMPT_LEN:].tolist()
+
+
 @pytest.mark.parametrize("shape", ["e2b", "31b"])
 def test_long_prompt_matches_reference(ckpt, shape):
     """A 600-token prompt: prefill attention runs by 256-query blocks over the keys each block sees

@@ -218,6 +218,7 @@ USER = [{"role": "user", "content": "hi"}]
     (None, [], None, "must not be empty"),
     (None, [{"content": "hi"}], None, r"messages\[0\] needs a string 'role'"),
     (None, [{"role": None, "content": "hi"}], None, "needs a string 'role'"),
+    (None, [{"role": "wizard", "content": "hi"}], None, r"messages\[0\].role must be one of system, developer"),
     (None, ["hi"], None, r"messages\[0\] must be a dict"),
     (None, [{"role": "user", "content": 3}], None, "content must be a string, a list of parts or None"),
     (None, [{"role": "user", "content": {"a": 1}}], None, "dict only in a tool message"),

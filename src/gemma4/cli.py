@@ -154,7 +154,7 @@ def cmd_quantize(args) -> int:
 
 # ---- gemma4 serve ----
 
-def _parse_bytes(text: str | None) -> int | None:
+def _parse_bytes(text: str | None, flag: str = "--kv-memory") -> int | None:
     if text is None:
         return None
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -162,8 +162,8 @@ def _parse_bytes(text: str | None) -> int | None:
     num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
     try:
         return int(float(num) * units[unit])
-    except ValueError:
-        raise ValueError(f"--kv-memory {text!r}: expected bytes like 2GB, 512MiB or 1073741824") from None
+    except (ValueError, OverflowError):
+        raise ValueError(f"{flag} {text!r}: expected bytes like 2GB, 512MiB or 1073741824") from None
 
 
 def _load(args) -> LLM:
@@ -176,10 +176,14 @@ def _load(args) -> LLM:
 
 
 def cmd_serve(args) -> int:
+    import logging
+    import signal
+
     import uvicorn
 
     from .chat.request import MediaPolicy
     from .server.app import create_app
+    from .server.service import Limits
 
     if args.allow_local_media and not os.path.isdir(args.allow_local_media):
         raise ValueError(f"--allow-local-media {args.allow_local_media}: no such directory")
@@ -187,13 +191,31 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--port {args.port}: must be in 1..65535")
     if args.max_seqs <= 0 or args.prefill_chunk <= 0:
         raise ValueError("--max-seqs and --prefill-chunk must be positive")
+    if args.max_waiting < 0:
+        raise ValueError("--max-waiting must be >= 0")
+    if not 0 <= args.shutdown_timeout < float("inf"):
+        raise ValueError("--shutdown-timeout must be >= 0 seconds")
+    max_request_bytes = _parse_bytes(args.max_request_bytes, "--max-request-bytes")
+    if max_request_bytes <= 0:
+        raise ValueError("--max-request-bytes must be positive")
     _parse_bytes(args.kv_memory)
     llm = _load(args)
     name = args.served_model_name or (args.model or "gemma4-tiny-random")
     policy = MediaPolicy(args.allow_local_media, args.allow_remote_media)
-    app = create_app(llm, name, args.api_key or os.environ.get("GEMMA4_API_KEY"), policy, args.max_waiting)
+    limits = Limits(max_request_bytes=max_request_bytes, max_waiting=args.max_waiting)
+    app = create_app(llm, name, args.api_key or os.environ.get("GEMMA4_API_KEY"), policy, limits, args.metrics_public)
+    logging.basicConfig(format="gemma4 %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("gemma4").setLevel(logging.INFO)
     print(f"gemma4: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=args.shutdown_timeout))
+    # On SIGTERM uvicorn stops accepting, lets running requests finish for --shutdown-timeout seconds, cancels
+    # the rest, then raises SIGTERM again with the handler it found: a drained server exits 0, not by the signal.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run()
+    finally:
+        app.state.service.engine.stop()
     return 0
 
 
@@ -328,7 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per engine step")
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429")
     p.add_argument("--allow-local-media", metavar="DIR", help="let requests read image/audio/video files under DIR")
-    p.add_argument("--allow-remote-media", action="store_true", help="let requests fetch http(s) media URLs")
+    p.add_argument("--allow-remote-media", action="store_true",
+                   help="let requests fetch http(s) media URLs (public addresses only)")
+    p.add_argument("--max-request-bytes", default="32MiB", help="largest request body, base64 media included")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds running requests may take to finish before they are cancelled")
+    p.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -48,11 +48,13 @@ class StreamEvent:
     finish_reason: str | None
 
 
-def tiny_random_model(dtype=torch.float32, device="cpu", seed: int = 0) -> Gemma4:
+def tiny_random_model(dtype=torch.float32, device="cpu", seed: int = 0, config=None) -> Gemma4:
     """The built-in tiny Gemma 4 (E2B-like: PLE, KV sharing, double-wide MLP; real 262K vocabulary),
-    with random weights drawn from a fixed seed, so the whole stack runs without any download."""
-    with resources.files("gemma4").joinpath("data/tiny-random/config.json").open() as f:
-        config = parse_config(json.load(f))
+    with random weights drawn from a fixed seed, so the whole stack runs without any download. `config`: another
+    (parsed) config to build the same way, e.g. with media towers."""
+    if config is None:
+        with resources.files("gemma4").joinpath("data/tiny-random/config.json").open() as f:
+            config = parse_config(json.load(f))
     gen = torch.Generator().manual_seed(seed)
     model = Gemma4(config)
     for name, p in model.named_parameters():
@@ -164,7 +166,8 @@ class LLM:
         A bad request raises ValueError here, before anything runs."""
         from .chat.request import prepare_chat
 
-        req = prepare_chat(self, messages, tools, tool_choice, response_format, enable_thinking, image_budget)
+        req = prepare_chat(self, messages, tools, tool_choice, response_format, enable_thinking, image_budget,
+                           max_tokens=self.engine.max_prompt_tokens)
         params = SamplingParams(max_new_tokens, stop_token_ids=req.stop_ids or self.stop_token_ids,
                                 **{k: v for k, v in sampling.items() if v is not None})
         media = self.model.encode_media(req.media) if req.media else None

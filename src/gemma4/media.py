@@ -39,6 +39,9 @@ VIDEO_DEFAULT_FPS = 24.0  # what the reference assumes when a file does not say
 MAX_VIDEO_SECONDS = 60.0
 SAMPLE_RATE = 16_000
 MAX_AUDIO_SECONDS = 30.0
+MAX_AUDIO_RATE = 384_000  # Hz, checked before decoding: a few KB of FLAC can claim any rate
+MAX_AUDIO_SAMPLES = 1 << 25  # decoded samples over all channels (128 MB of float32): 31 s x 384 kHz stereo fits
+MAX_RESAMPLE_FILTER = 1 << 24  # filter taps: 44,100 Hz needs 76,000; a coprime rate like 44,101 Hz 706 million
 MAX_AUDIO_TOKENS = 750  # 30 s
 # Log-mel front end (Gemma4AudioFeatureExtractor defaults).
 MEL_BINS, FRAME_LENGTH, HOP_LENGTH, FFT_LENGTH, MEL_FLOOR = 128, 320, 160, 512, 1e-3
@@ -280,7 +283,8 @@ def resize_frames(frames, height: int, width: int):
 
 def load_video(src, budget: int = VIDEO_FRAME_BUDGET, num_frames: int = VIDEO_FRAMES) -> VideoInput:
     """A video file (bytes / path / data URL) -> VideoInput: up to 32 uniformly sampled frames, each at
-    `budget` soft tokens, with their timestamps. Videos over 60 s are refused."""
+    `budget` soft tokens, with their timestamps. Videos over 60 s are refused, and frames over the image pixel
+    limit before any is decoded; each frame is resized as it is decoded (32 full 4K frames would be 800 MB)."""
     import av
     import torch
 
@@ -289,6 +293,7 @@ def load_video(src, budget: int = VIDEO_FRAME_BUDGET, num_frames: int = VIDEO_FR
         if not container.streams.video:
             raise MediaError("video: the file has no video stream")
         stream = container.streams.video[0]
+        _check_image_size(stream.codec_context.width, stream.codec_context.height)
         fps = float(stream.average_rate) if stream.average_rate else None
         total = stream.frames
         try:
@@ -305,21 +310,28 @@ def load_video(src, budget: int = VIDEO_FRAME_BUDGET, num_frames: int = VIDEO_FR
             if seconds > MAX_VIDEO_SECONDS:
                 raise MediaError(f"video is {seconds:.1f} s long; at most {MAX_VIDEO_SECONDS:.0f} s is supported")
             indices = sample_frame_indices(total, num_frames)
-            wanted, frames = set(indices.tolist()), []
+            wanted, frames, size = set(indices.tolist()), [], None
             for i, frame in enumerate(container.decode(stream)):
                 if i > indices[-1]:
                     break
                 if i in wanted:
-                    frames.append(frame.to_ndarray(format="rgb24"))
+                    if size is None:
+                        size = (frame.height, frame.width)
+                        _check_image_size(frame.width, frame.height)
+                        th, tw = image_target_size(*size, budget)
+                    elif (frame.height, frame.width) != size:
+                        raise MediaError(f"video: frame size changes from {size[1]}x{size[0]} to "
+                                         f"{frame.width}x{frame.height}")
+                    # The reference resizes the stacked frames (torchvision: bicubic with antialias on uint8);
+                    # frame by frame is the same arithmetic.
+                    pixels = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)[None]
+                    frames.append(resize_frames(pixels, th, tw)[0])  # [3, th, tw] uint8
         except av.error.FFmpegError as e:
             raise MediaError(f"video: decoding failed ({e}); the file is truncated or corrupt") from None
     if len(frames) < len(indices):
         raise MediaError(f"video: the header promises {total} frames but only {len(frames)} of the "
                          f"{len(indices)} sampled could be decoded (truncated or corrupt file)")
-    video = np.stack(frames)  # [F, H, W, 3] uint8
-    h, w = video.shape[1:3]
-    th, tw = image_target_size(h, w, budget)
-    t = resize_frames(torch.from_numpy(video).permute(0, 3, 1, 2), th, tw)  # [F, 3, th, tw] uint8
+    t = torch.stack(frames)  # [F, 3, th, tw] uint8
     # The reference's fused rescale + identity normalisation: (x - 0) / 255 in float32.
     pixels = (t.permute(0, 2, 3, 1).to(torch.float32) / 255.0).numpy()
     patched = [patchify(f) for f in pixels]
@@ -346,6 +358,10 @@ def resample(wave: np.ndarray, orig: int, new: int = SAMPLE_RATE) -> np.ndarray:
     width_zc, rolloff = 6, 0.99
     base = min(o, n) * rolloff
     width = math.ceil(width_zc * o / base)
+    if n * (2 * width + o) > MAX_RESAMPLE_FILTER:  # the filter is built whole: [n, 1, 2 * width + o] floats
+        raise MediaError(f"audio sampled at {orig} Hz cannot be resampled to {new} Hz here (the exact filter for "
+                         f"that ratio has {n * (2 * width + o):,} taps); convert it to a common rate such as "
+                         f"16000, 44100 or 48000 Hz")
     idx = torch.arange(-width, width + o, dtype=torch.float32)[None, None] / o
     t = torch.arange(0, -n, -1, dtype=torch.float32)[:, None, None] / n + idx  # [n, 1, K]
     t = (t * base).clamp(-width_zc, width_zc)
@@ -385,9 +401,7 @@ def _decode_audio(data) -> tuple[np.ndarray, int]:
         raise MediaError("audio: the WAV file is truncated (its data chunk is longer than the file)")
     try:
         with sf.SoundFile(io.BytesIO(data) if isinstance(data, bytes) else data) as f:
-            if f.samplerate > 0 and f.frames > (MAX_AUDIO_SECONDS + 1) * f.samplerate:  # before reading it all
-                raise MediaError(f"audio is {f.frames / f.samplerate:.1f} s long; at most "
-                                 f"{MAX_AUDIO_SECONDS:.0f} s per clip is supported")
+            _check_audio_header(f.samplerate, f.channels, f.frames)  # before reading it all
             samples = f.read(dtype="float32", always_2d=True)
             if samples.shape[0] < f.frames:
                 raise MediaError(f"audio: only {samples.shape[0]} of {f.frames} samples could be read "
@@ -403,16 +417,30 @@ def _decode_audio(data) -> tuple[np.ndarray, int]:
             raise MediaError("audio: the file has no audio stream")
         stream = container.streams.audio[0]
         resampler = av.AudioResampler(format="fltp")  # planar float32, channels and rate unchanged
-        chunks, rate = [], stream.rate
+        chunks, rate, frames = [], stream.rate, 0
+        _check_audio_header(rate, stream.codec_context.channels, 0)
         try:
             for frame in container.decode(stream):
                 for out in resampler.resample(frame):
                     chunks.append(out.to_ndarray())
+                    frames += out.samples
+                    _check_audio_header(rate, stream.codec_context.channels, frames)  # as it decodes: no duration up front
         except av.error.FFmpegError as e:
             raise MediaError(f"audio: decoding failed ({e}); the file is truncated or corrupt") from None
     if not chunks:
         raise MediaError("audio: no samples could be decoded")
     return np.concatenate(chunks, axis=1).astype(np.float32), rate
+
+
+def _check_audio_header(rate: int, channels: int, frames: int) -> None:
+    """Refuse audio whose rate, channels or length (frames per channel) we will not decode."""
+    if not 0 < rate <= MAX_AUDIO_RATE:
+        raise MediaError(f"audio sample rate {rate} Hz is not supported (at most {MAX_AUDIO_RATE} Hz)")
+    if frames > (MAX_AUDIO_SECONDS + 1) * rate:
+        raise MediaError(f"audio is {frames / rate:.1f} s long or more; at most {MAX_AUDIO_SECONDS:.0f} s per clip "
+                         f"is supported")
+    if channels <= 0 or channels * max(frames, 1) > MAX_AUDIO_SAMPLES:
+        raise MediaError(f"audio with {channels} channels x {frames} samples is too large to decode")
 
 
 def load_audio(src, sampling_rate: int | None = None) -> np.ndarray:
@@ -434,14 +462,9 @@ def load_audio(src, sampling_rate: int | None = None) -> np.ndarray:
     else:
         if sampling_rate is not None:
             raise MediaError("sampling_rate is for raw arrays; a file states its own rate")
-        channels, rate = _decode_audio(_read_source(src, "audio"))
+        channels, rate = _decode_audio(_read_source(src, "audio"))  # rate and length checked while decoding
         wave = channels.mean(axis=0) if channels.shape[0] > 1 else channels[0]
-        if rate <= 0:
-            raise MediaError(f"audio: invalid sample rate {rate}")
         if rate != SAMPLE_RATE:
-            if wave.shape[0] > (MAX_AUDIO_SECONDS + 1) * rate:  # refuse before spending time resampling
-                raise MediaError(f"audio is {wave.shape[0] / rate:.1f} s long; at most "
-                                 f"{MAX_AUDIO_SECONDS:.0f} s per clip is supported")
             wave = resample(wave, rate, SAMPLE_RATE)
     return check_audio(np.ascontiguousarray(wave, dtype=np.float32))
 

@@ -53,6 +53,16 @@ class Tokenizer:
         ids = self.backend.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_bos else ids
 
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for (31 in Gemma 4: runs of spaces, tabs or newlines)."""
+        return max(len(token) for token in self.backend.get_vocab())
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on len(encode(text)) from the text's length alone, without tokenizing it: no token
+        stands for more than `max_token_chars` characters (the normalizer maps one character to one)."""
+        return -(-len(text) // self.max_token_chars)
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(self._check_ids(ids), skip_special_tokens=skip_special_tokens)
 

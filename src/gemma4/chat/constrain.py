@@ -43,13 +43,18 @@ import torch
 
 from ..tokenizer import load_tokenizer
 
-__all__ = ["Constraint", "json_object", "json_schema", "tool_call", "EOS_ID", "TURN_END_ID", "TOOL_RESPONSE_ID"]
+__all__ = ["Constraint", "ConstraintError", "json_object", "json_schema", "tool_call", "EOS_ID", "TURN_END_ID", "TOOL_RESPONSE_ID"]
 
 EOS_ID = 1  # <eos>
 TURN_END_ID = 106  # <turn|>: ends a model turn
 TOOL_RESPONSE_ID = 50  # <|tool_response>: written after the last tool call, a stop token (FORMAT.md §4.3)
 
 _JSON_SEPARATORS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+class ConstraintError(ValueError):
+    """The grammar cannot go on: a schema that recurses without end, or one too large for the parser. It is
+    the request's schema that fails, so it is the request's error."""
 
 
 class Constraint:
@@ -69,6 +74,7 @@ class Constraint:
         if self._allowed is None:
             self._check_state()
             self._matcher.unsafe_compute_mask_ptr(self._bits.data_ptr(), self._bits.nbytes)
+            self._check_state()  # a mask it cannot compute leaves the matcher in an error state
             bits = np.unpackbits(self._bits.numpy().view(np.uint8), bitorder="little")[:self._vocab_size]
             allowed = torch.from_numpy(bits).bool()
             if allowed[EOS_ID]:
@@ -101,7 +107,7 @@ class Constraint:
 
     def _check_state(self) -> None:
         if self._matcher.is_error():  # llguidance never raises; it parks the matcher in an error state
-            raise RuntimeError(f"constraint is in an error state: {self._matcher.get_error()}")
+            raise ConstraintError(f"the output grammar failed: {_first_line(self._matcher.get_error())}")
 
 
 def json_object(stop_ids=(TURN_END_ID,)) -> Constraint:
@@ -151,8 +157,10 @@ def _pristine_matcher(kind: str, key: str) -> llguidance.LLMatcher:
                                                                          spec["max_calls"]))
         what = "cannot build the tool-call grammar"
     matcher = llguidance.LLMatcher(_ll_tokenizer(), grammar, log_level=0)
-    if matcher.is_error():
-        raise ValueError(f"{what}: {_first_line(matcher.get_error())}")
+    probe = matcher.deep_copy()
+    probe.compute_bitmask()  # a grammar with no way to start (e.g. {"$ref": "#"}) fails at its first mask
+    if probe.is_error():
+        raise ValueError(f"{what}: {_first_line(probe.get_error())}")
     return matcher
 
 

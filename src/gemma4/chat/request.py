@@ -6,10 +6,10 @@ from __future__ import annotations
 import base64
 import json
 import os
-import urllib.request
 from dataclasses import dataclass, field
 
 from .. import media as mm
+from .fetch import fetch
 from .template import normalize_messages, render
 
 BUDGETS = (70, 140, 280, 560, 1120)
@@ -18,10 +18,12 @@ BUDGETS = (70, 140, 280, 560, 1120)
 @dataclass
 class MediaPolicy:
     """Where media may come from. Data URLs and bytes always; files only under `local_dir` (None: none,
-    "/" : any); http(s) only when `remote` is set (the server's --allow-local-media / --allow-remote-media)."""
+    "/" : any); http(s) only when `remote` is set (the server's --allow-local-media / --allow-remote-media), from
+    public addresses only, at most `max_remote_bytes` within `fetch_timeout` seconds (chat/fetch.py)."""
     local_dir: str | None = None
     remote: bool = False
     max_remote_bytes: int = 50 << 20
+    fetch_timeout: float = 20.0
 
 
 @dataclass
@@ -46,11 +48,7 @@ def _source(item: dict, policy: MediaPolicy):
     if src.startswith(("http://", "https://")):
         if not policy.remote:
             raise mm.MediaError("remote media URLs are not fetched (start the server with --allow-remote-media)")
-        with urllib.request.urlopen(src, timeout=30) as r:  # noqa: S310 (http(s) only, checked above)
-            data = r.read(policy.max_remote_bytes + 1)
-        if len(data) > policy.max_remote_bytes:
-            raise mm.MediaError(f"remote media larger than {policy.max_remote_bytes} bytes")
-        return data
+        return fetch(src, policy.max_remote_bytes, policy.fetch_timeout)
     path = src[len("file://"):] if src.startswith("file://") else src
     if policy.local_dir is None:
         raise mm.MediaError("local media paths are not allowed (start the server with --allow-local-media DIR)")
@@ -128,26 +126,62 @@ def _arguments_as_objects(messages):
     return out
 
 
-def prepare_chat(llm, messages, tools=None, tool_choice=None, response_format=None, enable_thinking: bool = False,
-                 image_budget: int | None = None, policy: MediaPolicy | None = None,
-                 add_generation_prompt: bool = True) -> PreparedChat:
-    """Everything before generation; every problem with the request raises ValueError (ChatTemplateError and
-    MediaError are ValueErrors) with a message fit for the user."""
+@dataclass
+class RenderedChat:
+    """A chat request checked and rendered, before its media are loaded (`render_request`)."""
+    text: str  # the rendered prompt, one bare placeholder per media item
+    media: list  # one {"kind", "source", ...} per placeholder, in prompt order (template.normalize_messages)
+    image_budget: int | None
+    constraint: object = None
+    stop_ids: tuple[int, ...] | None = None
+
+
+def render_request(llm, messages, tools=None, tool_choice=None, response_format=None, enable_thinking: bool = False,
+                   image_budget: int | None = None, add_generation_prompt: bool = True) -> RenderedChat:
+    """Check a chat request and render its prompt; nothing is fetched or decoded yet, and media of a kind the
+    model does not take are refused here, before any bytes are read. Problems raise ValueError (ChatTemplateError
+    and MediaError are ValueErrors) with a message fit for the user."""
     if image_budget is not None and image_budget not in BUDGETS:
         raise ValueError(f"image_budget must be one of {BUDGETS}, got {image_budget!r}")
     if tool_choice == "none":
         tools = None  # as vLLM: the model is not told about tools it may not call
     constraint = make_constraint(tools, tool_choice, response_format)
     msgs, media = normalize_messages(_arguments_as_objects(messages))
-    text = render(llm.chat_template, msgs, tools, add_generation_prompt=add_generation_prompt,
-                  enable_thinking=enable_thinking)
-    items = [load_media(m, image_budget, policy or MediaPolicy(local_dir="/")) for m in media]
     if any(m["kind"] == "audio" for m in media) and llm.config.audio is None:
         raise mm.MediaError("this model takes no audio (only Gemma 4 E2B / E4B have an audio encoder)")
     if llm.config.vision is None and any(m["kind"] != "audio" for m in media):
         raise mm.MediaError("this checkpoint has no vision encoder")
-    prompt = mm.expand_media_tokens(text, items) if items else text
-    ids = llm.tokenizer.encode(prompt)
+    text = render(llm.chat_template, msgs, tools, add_generation_prompt=add_generation_prompt,
+                  enable_thinking=enable_thinking)
+    return RenderedChat(text, media, image_budget, constraint, constraint.stop_ids if constraint else None)
+
+
+def encode_prompt(tokenizer, text: str, max_tokens: int | None = None, add_bos: bool = False) -> list[int]:
+    """text -> token ids; ValueError when they cannot be at most `max_tokens`, decided from the text's length
+    alone when it shows that (a 20 MB body is refused at once, not after tokenizing 10M tokens)."""
+    if max_tokens is not None:
+        least = tokenizer.min_tokens(text) + add_bos
+        if least > max_tokens:
+            raise ValueError(f"the prompt has at least {least} tokens ({len(text)} characters); at most {max_tokens} "
+                             f"fit in the context")
+    return tokenizer.encode(text, add_bos=add_bos)
+
+
+def finish_request(llm, chat: RenderedChat, items: list, max_tokens: int | None = None) -> PreparedChat:
+    """The rendered chat with its loaded media (`load_media` of each `chat.media`) -> the tokens to run."""
+    prompt = mm.expand_media_tokens(chat.text, items) if items else chat.text
+    ids = encode_prompt(llm.tokenizer, prompt, max_tokens)
     if not ids or ids[0] != llm.tokenizer.bos_id:  # a checkpoint's own template may leave <bos> out
         ids = [llm.tokenizer.bos_id, *ids]
-    return PreparedChat(prompt, ids, items, constraint, constraint.stop_ids if constraint else None)
+    return PreparedChat(prompt, ids, items, chat.constraint, chat.stop_ids)
+
+
+def prepare_chat(llm, messages, tools=None, tool_choice=None, response_format=None, enable_thinking: bool = False,
+                 image_budget: int | None = None, policy: MediaPolicy | None = None,
+                 add_generation_prompt: bool = True, max_tokens: int | None = None) -> PreparedChat:
+    """Everything before generation, in one call (the server runs the three steps apart, media on their own
+    workers); every problem with the request raises ValueError with a message fit for the user."""
+    chat = render_request(llm, messages, tools, tool_choice, response_format, enable_thinking, image_budget,
+                          add_generation_prompt)
+    items = [load_media(m, image_budget, policy or MediaPolicy(local_dir="/")) for m in chat.media]
+    return finish_request(llm, chat, items, max_tokens)

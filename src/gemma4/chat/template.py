@@ -176,6 +176,9 @@ def _alias_reasoning(messages: list[dict]) -> list[dict]:
 # Input checks
 
 
+ROLES = ("system", "developer", "user", "assistant", "model", "tool")  # "model": Gemma's own name for assistant
+
+
 def _check_messages(messages) -> None:
     if not isinstance(messages, (list, tuple)):
         raise ChatTemplateError(f"messages must be a list of message dicts, got {type(messages).__name__}")
@@ -186,6 +189,8 @@ def _check_messages(messages) -> None:
             raise ChatTemplateError(f"messages[{i}] must be a dict, got {type(m).__name__}")
         if not isinstance(m.get("role"), str):
             raise ChatTemplateError(f"messages[{i}] needs a string 'role', got {m.get('role')!r}")
+        if m["role"] not in ROLES:  # the template would write any string as a turn header
+            raise ChatTemplateError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m['role']!r:.40}")
         content = m.get("content")
         if isinstance(content, (list, tuple)):
             for j, part in enumerate(content):

@@ -6,13 +6,17 @@
         for ev in engine.step(): ...        # TokenEvent(request_id, token_id, finish_reason, logprobs)
 
 Requests join and leave between steps; each step is one batched forward over the running decodes plus
-prompt chunks (engine/scheduler.py). `AsyncEngine` runs the steps on a thread for the server: a request's
-tokens arrive on its own asyncio queue, and `abort` frees its memory at the next step.
+prompt chunks (engine/scheduler.py). A failure in one sequence (its sampler, its grammar, its forward) ends
+that sequence alone with finish reason "error"; the others go on. `AsyncEngine` runs the steps on a thread
+for the server: requests and cancellations reach it through a queue (the event loop never waits for a step),
+and a request's tokens come back on its own asyncio queue.
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import queue
 import threading
 from dataclasses import dataclass
 
@@ -26,14 +30,17 @@ from .sample import Sampler, SamplingParams, sample_rows
 from .scheduler import KINDS, Scheduler
 from .sequence import Sequence, Status
 
+log = logging.getLogger("gemma4.engine")
+
 
 @dataclass
 class TokenEvent:
     request_id: str
-    token_id: int | None  # None: the request ended without a new token (cancelled)
-    finish_reason: str | None  # "stop", "length", "cancelled" or None (more to come)
+    token_id: int | None  # None: the request ended without a new token (cancelled, or failed)
+    finish_reason: str | None  # "stop", "length", "cancelled", "error" or None (more to come)
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    error: Exception | None = None  # what ended it, with finish_reason "error"
 
 
 def default_kv_memory(model: Gemma4) -> int:
@@ -75,7 +82,9 @@ class Engine:
         self.media_ids = frozenset(i for i in ids if i is not None)
         self.scheduler = Scheduler(cfg, self.pools, block_size, max_seqs, max_step_tokens, self.media_ids)
         self.sequences: dict[str, Sequence] = {}
+        self.stepper: AsyncEngine | None = None  # the thread that steps this engine for servers (AsyncEngine.of)
         self.capacity = blocks["full"] * block_size if "full" in blocks else cfg.max_position_embeddings
+        self.max_prompt_tokens = min(cfg.max_position_embeddings, self.capacity) - 1  # one position left to generate
 
     # ---------------------------------------------------------------- requests
     def add(self, request_id: str, prompt: list[int], params: SamplingParams, media: torch.Tensor | None = None,
@@ -94,15 +103,19 @@ class Engine:
         """ValueError unless this engine can take the prompt (ids in the vocabulary, shorter than the context
         and the K/V memory, one soft-token row per media slot); returns its number of media slots."""
         vocab, context = self.cfg.vocab_size, self.cfg.max_position_embeddings
-        if not prompt or not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
-            raise ValueError(f"prompt must be a non-empty list of token ids in [0, {vocab})")
-        if len(prompt) >= min(context, self.capacity):
+        if not prompt:
+            raise ValueError("prompt must be a non-empty list of token ids")
+        bad = next((t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab)), None)
+        if bad is not None:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab}): {bad!r} is out of range")
+        if len(prompt) > self.max_prompt_tokens:
             raise ValueError(f"the prompt has {len(prompt)} tokens; the context is {context} and the K/V memory "
                              f"holds {self.capacity}")
         slots = sum(t in self.media_ids for t in prompt)
         if slots and (media is None or media.shape[0] != slots):
-            raise ValueError(f"the prompt has {slots} media slots but {0 if media is None else media.shape[0]} "
-                             f"soft-token rows were given")
+            raise ValueError(f"the prompt has {slots} media placeholder tokens (<|image|>, <|audio|>, <|video|>) but "
+                             f"{0 if media is None else media.shape[0]} media soft tokens were given: attach media "
+                             f"as such, not its placeholder text or ids")
         return slots
 
     def abort(self, request_id: str) -> None:
@@ -133,17 +146,41 @@ class Engine:
         decodes = [w for w in work if w.count == 1 and w.start == len(w.seq) - 1]
         chunks = [w for w in work if w not in decodes]
         if decodes:
+            events += self._decode(decodes)
+        for w in chunks:
+            last = w.start + w.count == len(w.seq)
+            try:
+                logits = forward_paged(self.model, self.cache, [w.seq.token_range(w.start, w.start + w.count)],
+                                       [w.start], [w.seq.blocks], self._media(w), logits=last)
+                events.append(self._advance(w, w.seq.sampler.sample(logits[0]) if last else None))
+            except Exception as e:
+                events.append(self.fail(w.seq, e))
+        return [e for e in events if e is not None]
+
+    def _decode(self, decodes) -> list[TokenEvent | None]:
+        """One batched forward over the decodes; if it fails, each sequence alone, so that only the sequences
+        whose own forward fails end. Rewriting a sequence's position writes the same K/V again."""
+        try:
             logits = forward_paged(self.model, self.cache, [w.seq.token_range(w.start, w.start + 1) for w in decodes],
                                    [w.start for w in decodes], [w.seq.blocks for w in decodes],
                                    self._media(decodes[0]) if len(decodes) == 1 else None)
-            for w, sampled in zip(decodes, sample_rows([w.seq.sampler for w in decodes], logits)):
-                events.append(self._advance(w, sampled))
-        for w in chunks:
-            last = w.start + w.count == len(w.seq)
-            logits = forward_paged(self.model, self.cache, [w.seq.token_range(w.start, w.start + w.count)], [w.start],
-                                   [w.seq.blocks], self._media(w), logits=last)
-            events.append(self._advance(w, w.seq.sampler.sample(logits[0]) if last else None))
-        return [e for e in events if e is not None]
+        except Exception as e:
+            if len(decodes) == 1:
+                return [self.fail(decodes[0].seq, e)]
+            return [ev for w in decodes for ev in self._decode([w])]
+        sampled = sample_rows([w.seq.sampler for w in decodes], logits)
+        return [self.fail(w.seq, s) if isinstance(s, Exception) else self._advance(w, s)
+                for w, s in zip(decodes, sampled)]
+
+    def fail(self, seq: Sequence, error: Exception) -> TokenEvent:
+        """End one sequence because of `error` (logged), freeing its memory."""
+        if isinstance(error, ValueError):  # the request's own doing (its grammar broke down)
+            log.warning("request %s failed: %s: %s", seq.id, type(error).__name__, error)
+        else:
+            log.error("request %s failed: %s: %s", seq.id, type(error).__name__, error, exc_info=error)
+        self.scheduler.finish(seq, "error")
+        self.sequences.pop(seq.id, None)
+        return TokenEvent(seq.id, None, "error", error=error)
 
     def _media(self, w) -> torch.Tensor | None:
         seq = w.seq
@@ -174,57 +211,105 @@ class Engine:
 
 
 class AsyncEngine:
-    """An Engine stepped on a background thread, for asyncio servers: `async for ev in generate(...)`."""
+    """An Engine stepped on a background thread, for asyncio servers: `async for ev in generate(...)`.
 
-    def __init__(self, engine: Engine, max_waiting: int = 256):
-        self.engine, self.max_waiting = engine, max_waiting
-        self.lock = threading.Lock()
+    The event loop never takes the step lock: new requests and cancellations go through `inbox`, which the
+    engine thread drains between steps (a step can take a second on a CPU; a loop blocked on it stalls every
+    connection)."""
+
+    _made_lock = threading.Lock()
+
+    @classmethod
+    def of(cls, engine: Engine) -> AsyncEngine:
+        """The one AsyncEngine of `engine`: two threads stepping one engine would corrupt it (two servers on
+        one model in a process, as the tests make)."""
+        with cls._made_lock:
+            if engine.stepper is None:
+                engine.stepper = cls(engine)
+            return engine.stepper
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.lock = threading.Lock()  # held by the engine thread for each step; others may take it between steps
         self.wake = threading.Event()
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # (request id, add arguments), or (request id, None)
         self.queues: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
         self.ids = itertools.count()
-        self.error: BaseException | None = None
+        self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="gemma4-engine", daemon=True)
         self.thread.start()
 
-    def busy(self) -> bool:
-        return len(self.engine.scheduler.waiting) >= self.max_waiting
+    def waiting(self) -> int:
+        """Requests not admitted yet (read without the lock: a count for admission control)."""
+        return len(self.engine.scheduler.waiting) + self.inbox.qsize()
+
+    def stop(self) -> None:
+        """End the stepping thread once its current step is done. A process must not exit while a step runs:
+        a torch op still running in a daemon thread at exit aborts the process ("terminate called ...")."""
+        self.stopping = True
+        self.wake.set()
+        self.thread.join()
+        with self._made_lock:
+            if self.engine.stepper is self:
+                self.engine.stepper = None
 
     def _loop(self):
-        while True:
+        while not self.stopping:
             self.wake.wait()
+            self.wake.clear()  # before draining the inbox: a request queued after this sets it again
             with self.lock:
-                if not self.engine.has_work():
-                    self.wake.clear()
-                    continue
+                events = self._take_inbox()
                 try:
-                    events = self.engine.step()
-                except BaseException as e:  # a broken step fails every request, not the server
-                    events = [TokenEvent(rid, None, "error") for rid in list(self.engine.sequences)]
+                    events += self.engine.step() if self.engine.has_work() else []
+                except Exception as e:  # the scheduler itself broke (a bug): every request ends, the server stays
+                    log.exception("engine step failed; ending every request")
                     for rid in list(self.engine.sequences):
-                        seq = self.engine.sequences.pop(rid)
-                        self.engine.scheduler.finish(seq, "error")
-                    self.error = e
+                        events.append(self.engine.fail(self.engine.sequences[rid], e))
+                more = self.engine.has_work()
             for ev in events:
                 q = self.queues.get(ev.request_id)
                 if q is not None:
                     q[1].call_soon_threadsafe(q[0].put_nowait, ev)
+            if more:
+                self.wake.set()
 
-    async def generate(self, prompt: list[int], params: SamplingParams, media=None, constraint=None):
-        """Yield this request's TokenEvents; leaving the loop early (client gone) cancels it."""
-        rid = f"req-{next(self.ids)}"
-        queue: asyncio.Queue = asyncio.Queue()
-        self.queues[rid] = (queue, asyncio.get_running_loop())
-        with self.lock:
-            self.engine.add(rid, prompt, params, media, constraint)
+    def _take_inbox(self) -> list[TokenEvent]:
+        failed = []
+        while True:
+            try:
+                rid, args = self.inbox.get_nowait()
+            except queue.Empty:
+                return failed
+            if args is None:
+                self.engine.abort(rid)
+                continue
+            try:
+                self.engine.add(rid, *args)
+            except Exception as e:  # callers check requests first (Engine.check); this is the last guard
+                log.error("request %s refused by the engine: %s", rid, e)
+                failed.append(TokenEvent(rid, None, "error", error=e))
+
+    async def generate(self, prompt: list[int], params: SamplingParams, media=None, constraint=None,
+                       name: str = "req"):
+        """Yield this request's TokenEvents; leaving the loop early (client gone) cancels it. `name` prefixes
+        its id in the engine (and so in its log lines)."""
+        rid = f"{name}#{next(self.ids)}"
+        events: asyncio.Queue = asyncio.Queue()
+        self.queues[rid] = (events, asyncio.get_running_loop())
+        self.inbox.put((rid, (prompt, params, media, constraint)))
         self.wake.set()
         try:
             while True:
-                ev = await queue.get()
+                ev = await events.get()
                 yield ev
                 if ev.finish_reason is not None:
                     return
         finally:
             self.queues.pop(rid, None)
-            with self.lock:
-                self.engine.abort(rid)
+            self.inbox.put((rid, None))  # cancel (a no-op once it has finished)
             self.wake.set()
+
+    def run_locked(self, fn, *args):
+        """fn(*args) between two engine steps, on the calling thread (the media towers share the device)."""
+        with self.lock:
+            return fn(*args)

@@ -150,7 +150,10 @@ def generate(model: Gemma4, prompts: list[list[int]], params: list[SamplingParam
         rows = [row for row, b in enumerate(running) if not done[b]]
         picked = sample_rows([samplers[running[r]] for r in rows],
                              logits if len(rows) == len(running) else logits[rows])
-        for row, (token, _, _) in zip(rows, picked):
+        for row, sampled in zip(rows, picked):
+            if isinstance(sampled, Exception):  # one caller's batch: its failure is the caller's
+                raise sampled
+            token = sampled[0]
             lengths[running[row]] += 1
             last[running[row]] = token
 

@@ -1,12 +1,24 @@
 """Sampling parameters and next-token selection (greedy, temperature, top-k, top-p, min-p, repetition penalty)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 # Gemma 4's generation_config stops on <eos>, <turn|> and <|tool_response>.
 DEFAULT_STOP_TOKEN_IDS = (1, 106, 50)
+
+# Bounds inside which the sampler computes exactly (float32 logits). A positive temperature divides logits from
+# which their maximum was subtracted, so the best token is exactly 0 and the rest <= 0: any temperature that is a
+# normal float32 gives finite or -inf values, never NaN. A repetition penalty p divides positive logits and
+# multiplies negative ones: within [1/2, 2] (2: vLLM's bound) any logit under half the float32 maximum stays
+# finite, a masked -inf stays -inf and a 0 stays 0 (a penalty of 1e300 became inf in float32, and 0 x inf is NaN;
+# one of 5e-324 became 0, and -inf x 0 is NaN).
+MIN_TEMPERATURE = torch.finfo(torch.float32).tiny  # 1.2e-38; smaller positive values are not float32 numbers
+MAX_REPETITION_PENALTY = 2.0
+MIN_REPETITION_PENALTY = 1 / MAX_REPETITION_PENALTY
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed takes
 
 
 @dataclass
@@ -24,21 +36,39 @@ class SamplingParams:
     def __post_init__(self):
         def bad(msg):
             raise ValueError(f"SamplingParams: {msg}")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+
+        def number(name):  # a real, finite number (bools and NaN/inf are not)
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                bad(f"{name} must be a finite number, got {v!r}")
+            return v
+
+        def integer(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                bad(f"{name} must be an integer, got {v!r}")
+            return v
+
+        if integer("max_new_tokens") <= 0:
             bad(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            bad(f"temperature must be >= 0, got {self.temperature!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+        t = number("temperature")
+        if t < 0:
+            bad(f"temperature must be >= 0, got {t!r}")
+        if 0 < t < MIN_TEMPERATURE:
+            bad(f"temperature {t!r} is too small to compute (use 0 for greedy, or at least {MIN_TEMPERATURE:.3g})")
+        if self.top_k is not None and integer("top_k") < 0:
             bad(f"top_k must be a non-negative integer (0 = off), got {self.top_k!r}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
+        if self.top_p is not None and not 0 < number("top_p") <= 1:
             bad(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
+        if self.min_p is not None and not 0 <= number("min_p") <= 1:
             bad(f"min_p must be in [0, 1], got {self.min_p!r}")
-        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
-            bad(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad(f"seed must be an integer, got {self.seed!r}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
+        if self.repetition_penalty is not None and \
+                not MIN_REPETITION_PENALTY <= number("repetition_penalty") <= MAX_REPETITION_PENALTY:
+            bad(f"repetition_penalty must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}] (1 = off), "
+                f"got {self.repetition_penalty!r}")
+        if self.seed is not None and not SEED_RANGE[0] <= integer("seed") <= SEED_RANGE[1]:
+            bad(f"seed must be a 64-bit integer, got {self.seed!r}")
+        if self.logprobs is not None and not 0 <= integer("logprobs") <= 20:
             bad(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
 
 
@@ -73,7 +103,7 @@ class Sampler:
         """logits [vocab] -> (token id, its log-probability, the top-k (id, log-probability)) where the
         params ask for logprobs (of the model's distribution, before penalties and masks, as vLLM reports)."""
         p = self.params
-        logits = logits.float().cpu()
+        logits = logits.float().cpu()  # may be the caller's own tensor (an inference tensor): never written
         logprob = top = None
         if p.logprobs is not None:
             logp = torch.log_softmax(logits, dim=-1)
@@ -86,11 +116,17 @@ class Sampler:
             idx = torch.tensor(sorted(self.seen))
             picked = logits[idx]
             # As transformers: divide positive logits, multiply negative ones.
-            logits[idx] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+            penalized = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+            logits = logits.index_put((idx,), penalized)
+        best = logits.max()
+        if best == float("-inf"):  # a grammar that allows no token
+            raise ValueError("no token can be sampled: every token's logit is -inf")
+        if not torch.isfinite(best):
+            raise RuntimeError(f"the model's logits are not finite ({best.item()})")
         if p.temperature == 0:
             token = int(logits.argmax())
         else:
-            logits = logits / p.temperature
+            logits = (logits - best) / p.temperature  # <= 0, the best exactly 0: finite for any temperature
             if p.top_k:
                 kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -111,10 +147,11 @@ class Sampler:
         return token, logprob, top
 
 
-def sample_rows(samplers: list[Sampler], logits: torch.Tensor) -> list[tuple[int, float | None, list | None]]:
-    """`samplers[r].sample(logits[r])` for each row of logits [B, vocab]. The plain greedy rows take one
-    argmax on the logits' device, together: on a GPU, copying each row's 262,144 logits to the host and
-    taking its argmax there cost more than the rest of a CUDA-graph decode step's host work."""
+def sample_rows(samplers: list[Sampler], logits: torch.Tensor) -> list[tuple[int, float | None, list | None] | Exception]:
+    """`samplers[r].sample(logits[r])` for each row of logits [B, vocab]; a row whose sampler fails gets its
+    exception instead, and the other rows are sampled as usual. The plain greedy rows take one argmax on the
+    logits' device, together: on a GPU, copying each row's 262,144 logits to the host and taking its argmax
+    there cost more than the rest of a CUDA-graph decode step's host work."""
     out: list = [None] * len(samplers)
     greedy = [r for r, s in enumerate(samplers) if s.plain_greedy]
     if greedy:
@@ -124,5 +161,8 @@ def sample_rows(samplers: list[Sampler], logits: torch.Tensor) -> list[tuple[int
             out[r] = (token, None, None)
     for r, s in enumerate(samplers):
         if out[r] is None:
-            out[r] = s.sample(logits[r])
+            try:
+                out[r] = s.sample(logits[r])
+            except Exception as e:  # this row's sampler or grammar; the caller ends that sequence alone
+                out[r] = e
     return out

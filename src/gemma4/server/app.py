@@ -2,341 +2,335 @@
 
 POST /v1/chat/completions and /v1/completions (streamed as server-sent events, or whole), GET /v1/models,
 /health and /metrics (Prometheus text). Every request goes through one AsyncEngine, so concurrent requests
-share its batch. Bad requests get 400 with an OpenAI error body, a missing or wrong key 401, a full queue
-429; a client that disconnects cancels its generation and frees its cache at the engine's next step.
+share its batch. The handlers below only map HTTP onto the service (service.py), which holds every limit and
+check; bodies are the pydantic models of protocol.py, so /openapi.json describes them all.
+
+Answers other than 200 carry OpenAI's error body: 400 for a bad request (the message says what), 401 for a
+missing or wrong key, 413 for a body over --max-request-bytes, 429 when the queue (or the media workers) are
+full, 500 for a failure of ours (a generic text with a reference; the traceback goes to the log), 503 for a
+request still running when a SIGTERM's drain timeout (--shutdown-timeout) runs out. A client that disconnects,
+streaming or not, cancels its generation, which frees its K/V at the engine's next step.
 """
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
-import time
+import logging
 import uuid
-from typing import Any, Literal
+from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException
 
+from .. import __version__
 from ..chat.parse import StreamParser, parse_output
-from ..chat.request import MediaPolicy, prepare_chat
-from ..engine.engine import AsyncEngine
-from ..engine.sample import SamplingParams
+from ..chat.request import MediaPolicy
+from .protocol import ERRORS, ChatCompletion, ChatRequest, Completion, CompletionRequest, Health, ModelList, \
+    sse_response
+from .service import APIError, ChoiceFailed, Job, Limits, Service
 
-
-class Sampling(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are accepted and ignored, as vLLM does
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    seed: int | None = None
-    n: int = Field(1, ge=1, le=16)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: dict | None = None
-    logprobs: bool | int | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-
-
-class ChatRequest(Sampling):
-    messages: list[dict] = Field(min_length=1)
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
-    response_format: dict | None = None
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
-    chat_template_kwargs: dict | None = None
-    image_budget: Literal[70, 140, 280, 560, 1120] | None = None
-
-
-class CompletionRequest(Sampling):
-    prompt: str | list[int] = Field(min_length=1)
-
-
-def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
-
-
-class ServerState:
-    def __init__(self, llm, model_name: str, api_key: str | None, policy: MediaPolicy, max_waiting: int):
-        self.llm, self.model_name, self.api_key, self.policy = llm, model_name, api_key, policy
-        self.served = AsyncEngine(llm.engine, max_waiting=max_waiting)
-        self.counters = {"requests_total": 0, "requests_failed_total": 0, "prompt_tokens_total": 0,
-                         "generation_tokens_total": 0}
+log = logging.getLogger("gemma4.server")
+router = APIRouter()
+bearer = HTTPBearer(auto_error=False, description="the server's --api-key, as `Authorization: Bearer KEY`")
 
 
 def create_app(llm, model_name: str = "gemma4", api_key: str | None = None, policy: MediaPolicy | None = None,
-               max_waiting: int = 256) -> FastAPI:
-    app = FastAPI(title="gemma4", docs_url=None, redoc_url=None)
-    state = ServerState(llm, model_name, api_key, policy or MediaPolicy(), max_waiting)
-    app.state.gemma4 = state
-
-    @app.exception_handler(Exception)
-    async def internal(request: Request, exc: Exception):  # never a bare 500 page
-        state.counters["requests_failed_total"] += 1
-        return error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
-
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if state.api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {state.api_key}":
-                return error(401, "missing or wrong API key", "authentication_error")
-        return await call_next(request)
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok"}
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
-                                            "owned_by": "gemma4"}]}
-
-    @app.get("/metrics")
-    async def metrics():
-        engine = state.llm.engine
-        mem = engine.memory()
-        lines = [f"gemma4_{k} {v}" for k, v in state.counters.items()]
-        lines += [f"gemma4_kv_used_bytes {mem['used_bytes']}", f"gemma4_kv_free_bytes {mem['free_bytes']}",
-                  f"gemma4_requests_running {len(engine.scheduler.running)}",
-                  f"gemma4_requests_waiting {len(engine.scheduler.waiting)}",
-                  f"gemma4_preemptions_total {engine.scheduler.preemptions}",
-                  f"gemma4_prefix_cache_tokens_total {engine.scheduler.cached_tokens}"]
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
-
-    async def accept(request: Request, schema: type[Sampling]):
-        """The request body validated, or the error response: 400 (bad body, unknown model), 429 (queue full)."""
-        body = await parse_body(request, schema)
-        if isinstance(body, JSONResponse):
-            return body
-        if body.model not in (None, state.model_name):
-            return error(400, f"model {body.model!r} is not served here (try {state.model_name!r})",
-                         param="model")
-        if state.served.busy():
-            return error(429, "too many requests waiting; try again later", "rate_limit_error")
-        state.counters["requests_total"] += 1
-        return body
-
-    def sampling_params(body: Sampling, prompt_len: int, stop_ids, index: int) -> SamplingParams:
-        llm = state.llm
-        context = llm.config.text.max_position_embeddings
-        limit = body.max_completion_tokens or body.max_tokens or context - prompt_len
-        if prompt_len >= context:
-            raise ValueError(f"the prompt has {prompt_len} tokens; the context is {context}")
-        top = body.top_logprobs if isinstance(body.logprobs, bool) else body.logprobs
-        return SamplingParams(max_new_tokens=max(1, min(limit, context - prompt_len)),
-                              temperature=1.0 if body.temperature is None else body.temperature,
-                              top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
-                              repetition_penalty=body.repetition_penalty,
-                              seed=None if body.seed is None else body.seed + index,
-                              stop_token_ids=tuple(stop_ids or llm.stop_token_ids),
-                              logprobs=(top or 0) if body.logprobs else None)
-
-    async def run_one(prompt_ids, params, media, constraint, stops):
-        """Yield (token_id, text delta, finish_reason, logprob entry) for one choice; stop strings end it."""
-        tok = state.llm.tokenizer
-        decoder, text = tok.decode_stream(), ""
-        async for ev in state.served.generate(prompt_ids, params, media, constraint):
-            if ev.token_id is None:
-                yield None, "", ev.finish_reason, None
-                return
-            state.counters["generation_tokens_total"] += 1
-            piece = "" if ev.finish_reason == "stop" and ev.token_id in params.stop_token_ids else \
-                decoder.step(ev.token_id)
-            entry = None
-            if params.logprobs is not None:
-                entry = {"token": tok.id_to_token(ev.token_id), "logprob": ev.logprob,
-                         "bytes": list(tok.decode([ev.token_id]).encode()),
-                         "top_logprobs": [{"token": tok.id_to_token(i), "logprob": lp,
-                                           "bytes": list(tok.decode([i]).encode())} for i, lp in ev.top_logprobs or []]}
-            text += piece
-            hit = next((s for s in stops if s in text), None)
-            if hit is not None:  # cut at the stop string; leaving the loop cancels the request
-                cut = text.index(hit)
-                yield ev.token_id, piece[:max(0, len(piece) - (len(text) - cut))], "stop", entry
-                return
-            yield ev.token_id, piece, ev.finish_reason, entry
-
-    async def prepared(body: ChatRequest):
-        kwargs = dict(body.chat_template_kwargs or {})
-        thinking = bool(kwargs.pop("enable_thinking", False))
-        if body.reasoning_effort is not None:
-            thinking = body.reasoning_effort not in ("none", "minimal")
-        llm = state.llm
-        req = await asyncio.to_thread(prepare_chat, llm, body.messages, body.tools, body.tool_choice,
-                                      body.response_format, thinking, body.image_budget, state.policy)
-        media = None
-        if req.media:
-            with state.served.lock:  # the towers share the CPU / GPU with the engine's steps
-                media = await asyncio.to_thread(llm.model.encode_media, req.media)
-        return req, media
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await accept(request, ChatRequest)
-        if isinstance(body, JSONResponse):
-            return body
-        try:
-            req, media = await prepared(body)
-            params = [sampling_params(body, len(req.prompt_ids), req.stop_ids, i) for i in range(body.n)]
-            if req.constraint is not None and body.n > 1:
-                raise ValueError("n > 1 with tool_choice / response_format is not supported")
-        except (ValueError, TypeError) as e:
-            state.counters["requests_failed_total"] += 1
-            return error(400, str(e))
-        state.counters["prompt_tokens_total"] += len(req.prompt_ids)
-        stops = stop_strings(body)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": rid, "created": created, "model": state.model_name}
-        streams = [run_one(req.prompt_ids, p, media, req.constraint, stops) for p in params]
-        if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(stream_chat(head, streams, len(req.prompt_ids), include_usage),
-                                     media_type="text/event-stream")
-        results = await asyncio.gather(*(collect(s) for s in streams))
-        choices, completion = [], 0
-        for i, (text, reason, count, entries) in enumerate(results):
-            out = parse_output(text)
-            message = {"role": "assistant", "content": out.content, "reasoning_content": out.reasoning_content}
-            if out.tool_calls:
-                message["tool_calls"] = [c.to_openai() for c in out.tool_calls]
-                reason = "tool_calls"
-            choices.append({"index": i, "message": message, "finish_reason": reason,
-                            "logprobs": {"content": entries} if body.logprobs else None})
-            completion += count
-        return {**head, "object": "chat.completion", "choices": choices,
-                "usage": usage(len(req.prompt_ids), completion)}
-
-    async def stream_chat(head, streams, prompt_tokens, include_usage):
-        queue: asyncio.Queue = asyncio.Queue()
-        counts = [0] * len(streams)
-
-        async def pump(i, s):
-            parser, calls = StreamParser(), 0
-            first = True
-            try:
-                async for token, piece, reason, entry in s:
-                    counts[i] += token is not None
-                    deltas = parser.feed(piece) + (parser.finish() if reason else [])
-                    for d in deltas:
-                        delta = {"role": "assistant"} if first else {}
-                        first = False
-                        if d.kind == "content":
-                            delta["content"] = d.text
-                        elif d.kind == "reasoning":
-                            delta["reasoning_content"] = d.text
-                        else:
-                            delta["tool_calls"] = [{"index": calls, **d.tool_call.to_openai()}]
-                            calls += 1
-                        await queue.put((i, delta, None, None))
-                    if entry is not None:
-                        await queue.put((i, {}, None, {"content": [entry]}))
-                    if reason:
-                        await queue.put((i, {}, "tool_calls" if calls else reason, None))
-            finally:
-                await queue.put(None)
-
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-        try:
-            done = 0
-            while done < len(tasks):
-                item = await queue.get()
-                if item is None:
-                    done += 1
-                    continue
-                i, delta, reason, logprobs = item
-                choice = {"index": i, "delta": delta, "finish_reason": reason, "logprobs": logprobs}
-                yield sse({**head, "object": "chat.completion.chunk", "choices": [choice]})
-            if include_usage:
-                yield sse({**head, "object": "chat.completion.chunk", "choices": [],
-                           "usage": usage(prompt_tokens, sum(counts))})
-            yield "data: [DONE]\n\n"
-        finally:  # the client went away (or we are done): stop every choice's generation
-            for t in tasks:
-                t.cancel()
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await accept(request, CompletionRequest)
-        if isinstance(body, JSONResponse):
-            return body
-        llm = state.llm
-        try:
-            if isinstance(body.prompt, str):
-                ids = llm.tokenizer.encode(body.prompt, add_bos=True)
-            else:
-                ids = list(body.prompt)
-                bad_id = next((t for t in ids if not 0 <= t < llm.config.text.vocab_size), None)
-                if bad_id is not None:
-                    raise ValueError(f"prompt token id {bad_id} is out of range")
-            params = [sampling_params(body, len(ids), None, i) for i in range(body.n)]
-        except ValueError as e:
-            state.counters["requests_failed_total"] += 1
-            return error(400, str(e))
-        state.counters["prompt_tokens_total"] += len(ids)
-        stops = stop_strings(body)
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
-        streams = [run_one(ids, p, None, None, stops) for p in params]
-        if body.stream:
-            async def events():
-                count = 0
-                try:
-                    for i, s in enumerate(streams):
-                        async for token, piece, reason, _ in s:
-                            count += token is not None
-                            yield sse({**head, "object": "text_completion",
-                                       "choices": [{"index": i, "text": piece, "finish_reason": reason}]})
-                    if (body.stream_options or {}).get("include_usage"):
-                        yield sse({**head, "object": "text_completion", "choices": [], "usage": usage(len(ids), count)})
-                    yield "data: [DONE]\n\n"
-                finally:
-                    for s in streams:
-                        await s.aclose()
-            return StreamingResponse(events(), media_type="text/event-stream")
-        results = await asyncio.gather(*(collect(s) for s in streams))
-        return {**head, "object": "text_completion",
-                "choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
-                            for i, (text, reason, _, _) in enumerate(results)],
-                "usage": usage(len(ids), sum(r[2] for r in results))}
-
+               limits: Limits | None = None, metrics_public: bool = False) -> FastAPI:
+    limits = limits or Limits()
+    app = FastAPI(title="gemma4", version=__version__, docs_url=None, redoc_url=None,
+                  max_body_size=limits.max_request_bytes)
+    app.state.service = Service(llm, model_name, api_key, policy, limits, metrics_public)
+    app.include_router(router)
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(HTTPException, on_http_error)
+    app.add_middleware(CatchAll)
+    app.openapi = lambda: openapi(app)
     return app
 
 
-async def parse_body(request: Request, model: type[BaseModel]):
-    raw = await request.body()
+def openapi(app: FastAPI) -> dict:
+    """FastAPI's document, with the one model id this server accepts, and without the 422 answers FastAPI
+    assumes (a body that fails validation gets 400 here)."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+        schemas = schema["components"]["schemas"]
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        for name in ("ChatRequest", "CompletionRequest"):
+            schemas[name]["properties"]["model"]["anyOf"][0]["enum"] = [app.state.service.model_name]
+    return app.openapi_schema
+
+
+# ---- plumbing: the service, auth, errors, disconnects ----------------------------------------------------------
+# Dependencies are `async def`: FastAPI runs plain functions on a worker thread, a hop per request for nothing.
+async def service(request: Request) -> Service:
+    return request.app.state.service
+
+
+async def require_key(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    """401 unless the request carries the server's key (`Bearer` in any case; compared in constant time)."""
+    key = request.app.state.service.api_key
+    if key is None:
+        return
+    given = credentials.credentials if credentials is not None else ""
+    if not hmac.compare_digest(given.encode(), key.encode()):
+        raise APIError(401, "missing or wrong API key", "authentication_error")
+
+
+async def require_metrics_key(request: Request,
+                              credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    if not request.app.state.service.metrics_public:
+        await require_key(request, credentials)
+
+
+def error_response(e: APIError, request: Request) -> JSONResponse:
+    request.app.state.service.counters["requests_failed_total"] += 1
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.status}},
+                        e.status, headers=headers)
+
+
+async def on_api_error(request: Request, e: APIError) -> JSONResponse:
+    return error_response(e, request)
+
+
+async def on_validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+    first = e.errors()[0]
+    where = ".".join(str(x) for x in first["loc"] if x != "body")
+    if first["type"] == "json_invalid":
+        message = f"malformed JSON: {first.get('ctx', {}).get('error', '')}"
+    elif not where and not isinstance(e.body, (dict, list)):
+        message = "the body must be a JSON object, sent with Content-Type: application/json"
+    else:
+        message = str(first["msg"]).removeprefix("Value error, ")
+        message = f"{where}: {message}" if where else message
+    return error_response(APIError(400, message, param=where or None), request)
+
+
+async def on_http_error(request: Request, e: HTTPException) -> JSONResponse:
+    message = str(e.detail)
+    if e.status_code == 413:
+        message = f"the request body is over the server's limit of {request.app.state.service.limits.max_request_bytes} " \
+                  "bytes"
+    return error_response(APIError(e.status_code, message, "request_too_large" if e.status_code == 413 else
+                                   "invalid_request_error"), request)
+
+
+class CatchAll:
+    """A failure of ours becomes one 500 with a generic text and a reference, its traceback logged, and the
+    connection stays usable. (Starlette's own last-resort handler answers and then re-raises, which makes
+    uvicorn reset the connection: the client's next request on it failed.)"""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watched(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except asyncio.CancelledError:  # the drain timeout ran out: uvicorn cancels what still runs, and exits
+            log.info("%s %s cancelled at shutdown", scope.get("method"), scope.get("path"))
+            if not started:
+                body = {"error": {"message": "the server is shutting down; this request was cancelled",
+                                  "type": "server_error", "param": None, "code": 503}}
+                await JSONResponse(body, 503)(scope, receive, send)
+        except Exception:
+            if started:  # an answer is under way (or a 413 was sent by the body limit): theirs to handle
+                raise
+            ref = uuid.uuid4().hex[:12]
+            log.exception("%s %s failed (ref %s)", scope.get("method"), scope.get("path"), ref)
+            scope["app"].state.service.counters["requests_failed_total"] += 1
+            body = {"error": {"message": f"internal error (ref {ref}); the server log has the details",
+                              "type": "server_error", "param": None, "code": 500}}
+            await JSONResponse(body, 500)(scope, receive, send)
+
+
+async def until_disconnected(request: Request) -> None:
+    # The body has been read: the next message is the disconnect (uvicorn also sends it once we have answered).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, coro):
+    """(True, coro's result), or (False, None) if the client went away first: coro is cancelled then, which
+    cancels its generation (a non-streamed request has no write to fail when its client is gone)."""
+    work, gone = asyncio.ensure_future(coro), asyncio.ensure_future(until_disconnected(request))
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return error(400, f"malformed JSON: {e}")
-    if not isinstance(data, dict):
-        return error(400, "the request body must be a JSON object")
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+    if not work.done() or work.cancelled():
+        log.info("%s: the client went away; its request is cancelled", request.url.path)
+        return False, None
+    return True, work.result()
+
+
+GONE = Response(status_code=499)  # never read: the client has gone
+
+
+# ---- endpoints --------------------------------------------------------------------------------------------------
+@router.get("/health", response_model=Health, summary="liveness (no key needed)")
+async def health():
+    return {"status": "ok"}
+
+
+@router.get("/v1/models", response_model=ModelList, dependencies=[Depends(require_key)],
+            responses={401: ERRORS[401]})
+async def models(svc: Service = Depends(service)):
+    return {"object": "list", "data": [{"id": svc.model_name, "object": "model", "created": 0, "owned_by": "gemma4"}]}
+
+
+@router.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(require_metrics_key)],
+            summary="Prometheus text (behind the key unless --metrics-public)",
+            responses={401: {"description": ERRORS[401]["description"], "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}})
+async def metrics(svc: Service = Depends(service)):
+    return PlainTextResponse(svc.metrics(), media_type="text/plain; version=0.0.4")
+
+
+@router.post("/v1/chat/completions", dependencies=[Depends(require_key)],
+             responses={200: sse_response(ChatCompletion, "chat.completion"), **ERRORS})
+async def chat_completions(body: ChatRequest, request: Request, svc: Service = Depends(service)):
+    return await answer(request, svc, body, svc.chat_job, stream_chat,
+                        lambda job, results: chat_completion(job, results, body.logprobs))
+
+
+@router.post("/v1/completions", dependencies=[Depends(require_key)],
+             responses={200: sse_response(Completion, "text_completion"), **ERRORS})
+async def completions(body: CompletionRequest, request: Request, svc: Service = Depends(service)):
+    return await answer(request, svc, body, svc.completion_job, stream_completion, completion)
+
+
+async def answer(request: Request, svc: Service, body, prepare, stream, whole):
+    """What both endpoints do: admit the request, prepare its job, then stream it, or collect every choice
+    and shape the answer with `whole(job, results)`; a client that goes away cancels it at any point."""
+    svc.admit(body)
+    here, job = await unless_disconnected(request, prepare(body))
+    if not here:
+        return GONE
+    if body.stream:
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(stream(svc, job, usage), media_type="text/event-stream")
+    here, results = await unless_disconnected(request, collect(svc, job))
+    return whole(job, results) if here else GONE
+
+
+# ---- bodies ----------------------------------------------------------------------------------------------------
+def chat_completion(job: Job, results, logprobs: bool | None) -> dict:
+    choices, completion = [], 0
+    for i, (text, reason, count, entries) in enumerate(results):
+        out = parse_output(text)
+        message = {"role": "assistant", "content": out.content, "reasoning_content": out.reasoning_content}
+        if out.tool_calls:
+            message["tool_calls"] = [c.to_openai() for c in out.tool_calls]
+            reason = "tool_calls"
+        choices.append({"index": i, "message": message, "finish_reason": reason,
+                        "logprobs": {"content": entries} if logprobs else None})
+        completion += count
+    return {**head(job, "chat.completion"), "choices": choices, "usage": usage_of(job, completion)}
+
+
+def completion(job: Job, results) -> dict:
+    return {**head(job, "text_completion"),
+            "choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
+                        for i, (text, reason, _, _) in enumerate(results)],
+            "usage": usage_of(job, sum(r[2] for r in results))}
+
+
+async def collect(svc: Service, job: Job) -> list[tuple[str, str, int, list]]:
+    """Every choice whole: (text, finish reason, tokens, logprob entries); a failed choice answers for all."""
+    results = [["", None, 0, []] for _ in job.params]
     try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(x) for x in first["loc"])
-        return error(400, f"{where}: {first['msg']}", param=where)
+        async for i, token, piece, reason, entry in svc.run(job):
+            r = results[i]
+            r[0] += piece
+            r[1] = reason or r[1]
+            r[2] += token is not None
+            if entry is not None:
+                r[3].append(entry)
+    except ChoiceFailed as e:
+        raise e.api_error(job.id) from None
+    return [tuple(r) for r in results]
 
 
-async def collect(stream) -> tuple[str, str, int, list]:
-    text, reason, count, entries = "", None, 0, []
-    async for token, piece, finish, entry in stream:
-        text += piece
-        count += token is not None
-        reason = finish or reason
-        if entry is not None:
-            entries.append(entry)
-    return text, reason, count, entries
+async def stream_chat(svc: Service, job: Job, include_usage: bool):
+    parsers, calls, started = [StreamParser() for _ in job.params], [0] * len(job.params), set()
+    counts = [0] * len(job.params)
+    try:
+        async for i, token, piece, reason, entry in svc.run(job):
+            counts[i] += token is not None
+            for d in parsers[i].feed(piece) + (parsers[i].finish() if reason else []):
+                delta = {} if i in started else {"role": "assistant"}
+                started.add(i)
+                if d.kind == "content":
+                    delta["content"] = d.text
+                elif d.kind == "reasoning":
+                    delta["reasoning_content"] = d.text
+                else:
+                    delta["tool_calls"] = [{"index": calls[i], **d.tool_call.to_openai()}]
+                    calls[i] += 1
+                yield chunk(job, i, delta)
+            if entry is not None:
+                yield chunk(job, i, {}, logprobs={"content": [entry]})
+            if reason:
+                yield chunk(job, i, {}, "tool_calls" if calls[i] else reason)
+        if include_usage:
+            yield sse({**head(job, "chat.completion.chunk"), "choices": [], "usage": usage_of(job, sum(counts))})
+    except ChoiceFailed as e:
+        yield stream_error(svc, e, job)
+    yield "data: [DONE]\n\n"
 
 
-def stop_strings(body: Sampling) -> list[str]:
-    return [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+async def stream_completion(svc: Service, job: Job, include_usage: bool):
+    count = 0
+    try:
+        async for i, token, piece, reason, _ in svc.run(job):
+            count += token is not None
+            yield sse({**head(job, "text_completion"), "choices": [{"index": i, "text": piece,
+                                                                    "finish_reason": reason}]})
+        if include_usage:
+            yield sse({**head(job, "text_completion"), "choices": [], "usage": usage_of(job, count)})
+    except ChoiceFailed as e:
+        yield stream_error(svc, e, job)
+    yield "data: [DONE]\n\n"
 
 
-def usage(prompt: int, completion: int) -> dict:
+def stream_error(svc: Service, failure: ChoiceFailed, job: Job) -> str:
+    """The error event of a stream whose status line (200) has gone: vLLM's `data: {"error": ...}`."""
+    e = failure.api_error(job.id)
+    svc.counters["requests_failed_total"] += 1
+    return sse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.status}})
+
+
+def chunk(job: Job, index: int, delta: dict, reason: str | None = None, logprobs=None) -> str:
+    return sse({**head(job, "chat.completion.chunk"),
+                "choices": [{"index": index, "delta": delta, "finish_reason": reason, "logprobs": logprobs}]})
+
+
+def head(job: Job, kind: str) -> dict:
+    return {"id": job.id, "object": kind, "created": job.created, "model": job.model}
+
+
+def usage_of(job: Job, completion: int) -> dict:
+    prompt = len(job.prompt_ids)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
