@@ -50,7 +50,7 @@ def test_schemathesis_positive_and_negative(tmp_path):
                             "--checks", CHECKS, "--header", f"Authorization: Bearer {KEY}", "--seed", "20",
                             "--workers", "1", "--request-timeout", "120", "--generation-database", "none", "--no-color", "--report", "junit",
                             "--report-junit-path", str(tmp_path / "junit.xml")],
-                           capture_output=True, text=True, timeout=3000,
+                           capture_output=True, text=True, timeout=3000, cwd=tmp_path,  # its caches go there
                            env={**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks",
                                 "PYTHONPATH": os.path.dirname(__file__)})
     finally:
