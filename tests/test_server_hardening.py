@@ -242,10 +242,10 @@ def test_audio_bombs_are_refused_before_they_cost(server):
     """A few-KB WAV at a rate coprime with 16 kHz needed a 2.8 GB resampling filter; refused at once."""
     data = wav(44101)
     assert len(base64.b64decode(data)) < 5000
-    before, t = max_rss_mb(), time.monotonic()
+    before = max_rss_mb()
     r = post(server, json=chat(messages=audio_message(data)))
     assert r.status_code == 400 and "cannot be resampled" in r.json()["error"]["message"]
-    assert time.monotonic() - t < 5 and max_rss_mb() - before < 200
+    assert max_rss_mb() - before < 200  # the filter alone was 2.8 GB
     r = post(server, json=chat(messages=audio_message(wav(500_000, 0.001))))
     assert r.status_code == 400 and "sample rate 500000 Hz is not supported" in r.json()["error"]["message"]
     assert post(server, json=chat(messages=audio_message(wav(44100, 0.5)))).status_code == 200  # a normal rate
@@ -280,9 +280,8 @@ def test_long_text_refused_before_tokenizing(server, llm, monkeypatch):
                         or real(self, text, **kw))
     limit = llm.engine.max_prompt_tokens * llm.tokenizer.max_token_chars
     assert limit < 7 << 20
-    t = time.monotonic()
     r = post(server, "/v1/completions", json={"prompt": "hello " * (limit // 6 + 10), "max_tokens": 2})
-    assert r.status_code == 400 and "at least" in r.json()["error"]["message"] and time.monotonic() - t < 2
+    assert r.status_code == 400 and "at least" in r.json()["error"]["message"]
     r = post(server, json=chat(messages=[{"role": "user", "content": "hello " * (limit // 6 + 10)}]))
     assert r.status_code == 400 and "at least" in r.json()["error"]["message"]
     assert max(calls, default=0) < limit  # only short texts (the victims', earlier tests') were tokenized
@@ -403,7 +402,7 @@ def test_dripping_url_fails_at_its_deadline(server, origins, public_127_0_0_2):
     t = time.monotonic()
     r = post(server, json=image_from(public.url + "/drip"))
     assert r.status_code == 400 and r.json()["error"]["message"] == fetch.FAILED
-    assert time.monotonic() - t < 2.0 + 3  # the 2 s deadline, not 60 s of dripping
+    assert time.monotonic() - t < 2.0 + 10  # the 2 s deadline, not 60 s of dripping
 
 
 def test_slow_media_cannot_starve_text_requests(llm, origins, public_127_0_0_2, alone):
@@ -475,7 +474,7 @@ def test_sigterm_drains_then_exits_0(tmp_path):
     sock.close()
     log = open(tmp_path / "server.log", "w+")  # a file: a pipe nobody reads would block the server's logging
     proc = subprocess.Popen([sys.executable, "-m", "gemma4.cli", "serve", "--port", str(port),
-                             "--shutdown-timeout", "3"], stderr=log, text=True)
+                             "--shutdown-timeout", "5"], stderr=log, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -492,13 +491,16 @@ def test_sigterm_drains_then_exits_0(tmp_path):
             except httpx.TransportError as e:
                 results[name] = type(e).__name__
 
-        # ~1 s of tokens, under way when SIGTERM comes: finishes within the 3 s drain; the other never would
-        short = threading.Thread(target=long_request, args=("short", chat(max_tokens=60, temperature=0)))
+        # ~0.5 s of tokens, under way when SIGTERM comes: finishes within the 5 s drain; the other never would
+        short = threading.Thread(target=long_request, args=("short", chat(max_tokens=30, temperature=0)))
         endless = threading.Thread(target=long_request, args=("endless", chat(max_tokens=100_000)))
         endless.start()
         time.sleep(1.0)
         short.start()
-        time.sleep(0.3)
+        for _ in range(200):  # both generating
+            if "gemma4_requests_running 2" in httpx.get(url + "/metrics", timeout=5).text:
+                break
+            time.sleep(0.01)
         t = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
@@ -512,5 +514,5 @@ def test_sigterm_drains_then_exits_0(tmp_path):
         if proc.poll() is None:
             proc.kill()
     log.seek(0)
-    assert code == 0 and elapsed < 3 + 4, (code, elapsed, log.read())
+    assert code == 0 and elapsed < 5 + 5, (code, elapsed, log.read())
     assert results == {"short": 200, "endless": 503}  # finished within the drain; cancelled at its end
