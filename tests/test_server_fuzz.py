@@ -23,6 +23,7 @@ from gemma4.llm import LLM  # noqa: E402
 from gemma4.server.app import create_app  # noqa: E402
 
 EXAMPLES = int(os.environ.get("GEMMA4_FUZZ_EXAMPLES", "15"))
+SEED = os.environ.get("GEMMA4_FUZZ_SEED", "20")
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance," \
          "response_headers_conformance,negative_data_rejection"
 
@@ -47,7 +48,7 @@ def test_schemathesis_positive_and_negative(tmp_path):
     thread.start()
     try:
         r = subprocess.run([cli, "run", url + "/openapi.json", "--mode", "all", "--max-examples", str(EXAMPLES),
-                            "--checks", CHECKS, "--header", f"Authorization: Bearer {KEY}", "--seed", "20",
+                            "--checks", CHECKS, "--header", f"Authorization: Bearer {KEY}", "--seed", SEED,
                             "--workers", "1", "--request-timeout", "120", "--generation-database", "none", "--no-color", "--report", "junit",
                             "--report-junit-path", str(tmp_path / "junit.xml")],
                            capture_output=True, text=True, timeout=3000, cwd=tmp_path,  # its caches go there
@@ -58,7 +59,7 @@ def test_schemathesis_positive_and_negative(tmp_path):
         thread.join()
         srv.should_exit = True
     summary = r.stdout[r.stdout.rfind("SUMMARY"):] if "SUMMARY" in r.stdout else r.stdout[-3000:]
-    print(f"\nschemathesis, {EXAMPLES} examples per operation and mode:\n{summary}\n"
+    print(f"\nschemathesis, {EXAMPLES} examples per operation and mode, seed {SEED}:\n{summary}\n"
           f"victim rounds {rounds[0]}, victims harmed {len(harmed)}")
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
     assert rounds[0] >= 1 and harmed == []
