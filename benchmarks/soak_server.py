@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import collections
 import json
-import os
 import random
 import signal
 import socket
@@ -36,8 +35,9 @@ HOSTILE = [  # (name, raw JSON body or dict, expected status)
     ("NaN penalty", '{"messages": [{"role": "user", "content": "x"}], "repetition_penalty": NaN}', 400),
     ("self-referring schema", {"response_format": {"type": "json_schema", "json_schema": {"schema": {"$ref": "#"}}}},
      400),
-    ("schema that fails while generating", {"max_tokens": 30, "response_format": {"type": "json_schema", "json_schema": {
-        "schema": {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}}}}, 400),
+    ("schema that fails while generating", {"max_tokens": 30, "response_format": {
+        "type": "json_schema", "json_schema": {"schema": {"type": "object", "properties": {"a": {"$ref": "#"}},
+                                                          "required": ["a"]}}}}, 400),
     ("seed past 64 bits", {"seed": 2 ** 70}, 400),
     ("seed true", {"seed": True}, 400),
     ("unknown role", {"messages": [{"role": "wizard", "content": "x"}]}, 400),
@@ -173,7 +173,8 @@ async def soak(url: str, pid: int, args) -> tuple[collections.Counter, list, lis
                 continue
             samples.append((time.monotonic() - start, rss_mb(pid), m["gemma4_kv_used_bytes"],
                             m["gemma4_requests_running"], sum(stats.values())))
-            print(f"  t={samples[-1][0]:6.0f} s  RSS {samples[-1][1]:7.1f} MB  K/V in use {samples[-1][2] / 1e6:8.2f} MB"
+            print(f"  t={samples[-1][0]:6.0f} s  RSS {samples[-1][1]:7.1f} MB  K/V in use {samples[-1][2] / 1e6:8.2f} "
+                  f"MB"
                   f"  running {samples[-1][3]:3.0f}  requests so far {samples[-1][4]}", flush=True)
         await asyncio.gather(*clients)
         for _ in range(100):  # dropped requests end at the engine's next step
@@ -240,9 +241,9 @@ def main() -> int:
     print("\nrequests:", ", ".join(f"{k}: {n}" for k, n in sorted(stats.items())))
     print(f"5xx answers: {errors_5xx}; victims changed or failed: {sum('victim' in p for p in problems)}; "
           f"other problems: {sum('victim' not in p for p in problems)}")
-    print(f"RSS: first sample {samples[0][1]:.1f} MB, after the first minute {samples[min(1, len(samples) - 1)][1]:.1f} "
-          f"MB, idle at the end {samples[-1][1]:.1f} MB ({growth:+.1f} MB); K/V in use at the end: "
-          f"{samples[-1][2]:.0f} bytes")
+    print(f"RSS: first sample {samples[0][1]:.1f} MB, after the first minute "
+          f"{samples[min(1, len(samples) - 1)][1]:.1f} MB, idle at the end {samples[-1][1]:.1f} MB ({growth:+.1f} MB); "
+          f"K/V in use at the end: {samples[-1][2]:.0f} bytes")
     print(f"SIGTERM with 4 requests running: exit code {code} after {drain:.1f} s "
           f"(--shutdown-timeout {args.shutdown_timeout:g})")
     for p in problems[:20]:

@@ -49,7 +49,8 @@ def test_schemathesis_positive_and_negative(tmp_path):
     try:
         r = subprocess.run([cli, "run", url + "/openapi.json", "--mode", "all", "--max-examples", str(EXAMPLES),
                             "--checks", CHECKS, "--header", f"Authorization: Bearer {KEY}", "--seed", SEED,
-                            "--workers", "1", "--request-timeout", "120", "--generation-database", "none", "--no-color", "--report", "junit",
+                            "--workers", "1", "--request-timeout", "120", "--generation-database", "none",
+                            "--no-color", "--report", "junit",
                             "--report-junit-path", str(tmp_path / "junit.xml")],
                            capture_output=True, text=True, timeout=3000, cwd=tmp_path,  # its caches go there
                            env={**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks",

@@ -10,7 +10,6 @@ import base64
 import http.server
 import io
 import json
-import os
 import resource
 import signal
 import socket
@@ -71,6 +70,10 @@ def post(url, path="/v1/chat/completions", client=httpx, **kw):
 
 def chat(**extra):
     return {"messages": HI, "max_tokens": 4, **extra}
+
+
+def image_from(url):
+    return chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
 
 
 started = threading.Event()  # victim 0 has its first token: the victims are mid-generation
@@ -182,12 +185,8 @@ CLIENT_ERRORS = [  # (path, raw body, text in the 400's message)
     ("/v1/completions", json.dumps({"prompt": "a <|audio|> b", "max_tokens": 2}), "placeholder"),
     ("/v1/completions", json.dumps({"prompt": [2, 300000], "max_tokens": 2}), "out of range"),
     ("/v1/chat/completions", json.dumps(chat(chat_template_kwargs={"enable_thinking": "yes"})), "enable_thinking"),
-    ("/v1/chat/completions", json.dumps(chat(messages=[{"role": "user", "content": [{"type": "image_url",
-                                                                                      "image_url": {"url": "/etc/passwd"}}]}])),
-     "local media paths are not allowed"),
-    ("/v1/chat/completions", json.dumps(chat(messages=[{"role": "user", "content": [{"type": "image_url",
-                                                                                      "image_url": {"url": "data:image/png;base64,AAAA"}}]}])),
-     "image"),
+    ("/v1/chat/completions", json.dumps(image_from("/etc/passwd")), "local media paths are not allowed"),
+    ("/v1/chat/completions", json.dumps(image_from("data:image/png;base64,AAAA")), "image"),
 ]
 
 
@@ -366,10 +365,6 @@ def origins():
 def public_127_0_0_2(monkeypatch):
     real = fetch.public_address
     monkeypatch.setattr(fetch, "public_address", lambda ip: str(ip) == "127.0.0.2" or real(ip))
-
-
-def image_from(url):
-    return chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
 
 
 def test_remote_media_reaches_only_public_addresses(server, origins, public_127_0_0_2):

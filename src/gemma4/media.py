@@ -424,7 +424,8 @@ def _decode_audio(data) -> tuple[np.ndarray, int]:
                 for out in resampler.resample(frame):
                     chunks.append(out.to_ndarray())
                     frames += out.samples
-                    _check_audio_header(rate, stream.codec_context.channels, frames)  # as it decodes: no duration up front
+                    # as it decodes: such a stream need not say its duration up front
+                    _check_audio_header(rate, stream.codec_context.channels, frames)
         except av.error.FFmpegError as e:
             raise MediaError(f"audio: decoding failed ({e}); the file is truncated or corrupt") from None
     if not chunks:

@@ -120,6 +120,6 @@ def fetch(url: str, max_bytes: int, timeout: float) -> bytes:
                 raise _Refused(f"HTTP {status} without a Location")
             url = urllib.parse.urljoin(url, location)
         raise _Refused(f"more than {MAX_REDIRECTS} redirects")
-    except (_Refused, OSError, http.client.HTTPException, ValueError) as e:  # socket.timeout and ssl errors are OSErrors
+    except (_Refused, OSError, http.client.HTTPException, ValueError) as e:  # timeouts, ssl errors: OSErrors
         log.warning("media URL %.200s not fetched: %s: %s", url, type(e).__name__, e)
         raise MediaError(FAILED) from None

@@ -147,7 +147,7 @@ class Sampler:
         return token, logprob, top
 
 
-def sample_rows(samplers: list[Sampler], logits: torch.Tensor) -> list[tuple[int, float | None, list | None] | Exception]:
+def sample_rows(samplers: list[Sampler], logits: torch.Tensor) -> list[tuple | Exception]:
     """`samplers[r].sample(logits[r])` for each row of logits [B, vocab]; a row whose sampler fails gets its
     exception instead, and the other rows are sampled as usual. The plain greedy rows take one argmax on the
     logits' device, together: on a GPU, copying each row's 262,144 logits to the host and taking its argmax

@@ -118,8 +118,8 @@ async def on_validation_error(request: Request, e: RequestValidationError) -> JS
 async def on_http_error(request: Request, e: HTTPException) -> JSONResponse:
     message = str(e.detail)
     if e.status_code == 413:
-        message = f"the request body is over the server's limit of {request.app.state.service.limits.max_request_bytes} " \
-                  "bytes"
+        limit = request.app.state.service.limits.max_request_bytes
+        message = f"the request body is over the server's limit of {limit} bytes"
     return error_response(APIError(e.status_code, message, "request_too_large" if e.status_code == 413 else
                                    "invalid_request_error"), request)
 
