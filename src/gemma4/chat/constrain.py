@@ -43,7 +43,8 @@ import torch
 
 from ..tokenizer import load_tokenizer
 
-__all__ = ["Constraint", "ConstraintError", "json_object", "json_schema", "tool_call", "EOS_ID", "TURN_END_ID", "TOOL_RESPONSE_ID"]
+__all__ = ["Constraint", "ConstraintError", "json_object", "json_schema", "tool_call", "EOS_ID", "TURN_END_ID",
+           "TOOL_RESPONSE_ID"]
 
 EOS_ID = 1  # <eos>
 TURN_END_ID = 106  # <turn|>: ends a model turn

@@ -94,8 +94,7 @@ async def require_metrics_key(request: Request,
 def error_response(e: APIError, request: Request) -> JSONResponse:
     request.app.state.service.counters["requests_failed_total"] += 1
     headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-    return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.status}},
-                        e.status, headers=headers)
+    return JSONResponse(e.body(), e.status, headers=headers)
 
 
 async def on_api_error(request: Request, e: APIError) -> JSONResponse:
@@ -147,18 +146,16 @@ class CatchAll:
         except asyncio.CancelledError:  # the drain timeout ran out: uvicorn cancels what still runs, and exits
             log.info("%s %s cancelled at shutdown", scope.get("method"), scope.get("path"))
             if not started:
-                body = {"error": {"message": "the server is shutting down; this request was cancelled",
-                                  "type": "server_error", "param": None, "code": 503}}
-                await JSONResponse(body, 503)(scope, receive, send)
+                e = APIError(503, "the server is shutting down; this request was cancelled", "server_error")
+                await JSONResponse(e.body(), 503)(scope, receive, send)
         except Exception:
             if started:  # an answer is under way (or a 413 was sent by the body limit): theirs to handle
                 raise
             ref = uuid.uuid4().hex[:12]
             log.exception("%s %s failed (ref %s)", scope.get("method"), scope.get("path"), ref)
             scope["app"].state.service.counters["requests_failed_total"] += 1
-            body = {"error": {"message": f"internal error (ref {ref}); the server log has the details",
-                              "type": "server_error", "param": None, "code": 500}}
-            await JSONResponse(body, 500)(scope, receive, send)
+            e = APIError(500, f"internal error (ref {ref}); the server log has the details", "server_error")
+            await JSONResponse(e.body(), 500)(scope, receive, send)
 
 
 async def until_disconnected(request: Request) -> None:
@@ -317,7 +314,7 @@ def stream_error(svc: Service, failure: ChoiceFailed, job: Job) -> str:
     """The error event of a stream whose status line (200) has gone: vLLM's `data: {"error": ...}`."""
     e = failure.api_error(job.id)
     svc.counters["requests_failed_total"] += 1
-    return sse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.status}})
+    return sse(e.body())
 
 
 def chunk(job: Job, index: int, delta: dict, reason: str | None = None, logprobs=None) -> str:

@@ -49,6 +49,9 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.kind, self.param = status, message, kind, param
 
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
+
 
 class ChoiceFailed(Exception):
     """One choice ended with finish reason "error"; `error` is what the engine caught."""
