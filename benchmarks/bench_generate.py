@@ -2,6 +2,7 @@
 
     python benchmarks/bench_generate.py                      # full-size random E2B (text), made if missing
     python benchmarks/bench_generate.py --checkpoint DIR --prompt-len 512 --long-prompt 2048 --steps 32
+    python benchmarks/bench_generate.py --quantize "" --skip-reference --baseline /tmp/old  # vs another commit
 
 Each engine runs in its own process (clean peak RSS), one after the other. Prints a table: load time (with a
 first 8-token call, which pages in weights that both engines map from the file: the page cache is warm for
@@ -83,7 +84,7 @@ def worker_reference(args) -> dict:
 def decode_reads(model) -> list[tuple[int, object, int]]:
     """(bytes, product, input width) for every weight one decode step reads: each projection, and the tied
     embedding table as the LM head (MoE experts: only top-k run; the PLE table: one row)."""
-    from gemma4.model.text import matmul
+    from gemma4.ops import linear as matmul
     from gemma4.quant import QuantizedLinear
 
     text, reads = model.language_model, []
@@ -142,14 +143,28 @@ def fp32_peak_gflops() -> float:
     return best
 
 
+def engine_steps(engine, prompt: list[int], new: int):
+    """Greedy generation of `new` tokens for one prompt through the engine (no stop token): yield once per
+    token, as it comes."""
+    from gemma4.engine.sample import SamplingParams
+
+    rid = f"bench-{id(prompt)}-{len(prompt)}-{new}"
+    engine.add(rid, prompt, SamplingParams(max_new_tokens=new, stop_token_ids=()))
+    while engine.has_work():
+        for ev in engine.step():
+            if ev.request_id == rid and ev.token_id is not None:
+                yield ev.token_id
+
+
 def worker_ours(args) -> dict:
     import gemma4
-    from gemma4.engine import runner
-    from gemma4.engine.sample import SamplingParams
+    from gemma4.engine.engine import Engine
+    from gemma4.engine.kv import cache_dtype, kv_bytes
 
     t = time.perf_counter()
     model = gemma4.load(args.checkpoint, device="cpu")  # bf16; fp32 activations for a quantized one
-    for _ in runner.generate(model, [prompt_ids(8)], [SamplingParams(max_new_tokens=2)], [set()]):
+    engine = Engine(model, max_step_tokens=args.chunk, compile=args.compile)
+    for _ in engine_steps(engine, prompt_ids(8), 2):
         pass  # first call: weights paged in from the file, kernels built (counted as load)
     load = time.perf_counter() - t
     result = dict(engine="gemma4 " + (f"int{model.quantization['bits']}" if model.quantization else "bf16")
@@ -157,17 +172,13 @@ def worker_ours(args) -> dict:
     for n, key in ((args.prompt_len, ""), (args.long_prompt, "_long")):
         if not n:
             continue
-        times, t = [], time.perf_counter()
-        params = SamplingParams(max_new_tokens=1 + (args.steps if not key else 0))
-        if not key and args.compile:  # compile (minutes) outside the timed run
+        if not key and args.compile:  # compile (a minute or two) outside the timed run
             t0 = time.perf_counter()
-            for _ in runner.generate(model, [prompt_ids(8)], [SamplingParams(max_new_tokens=3)], [set()],
-                                     compile=True, max_len=args.prompt_len + args.steps + 1):
+            for _ in engine_steps(engine, prompt_ids(8), 3):
                 pass
             result["compile_s"] = time.perf_counter() - t0
-            t = time.perf_counter()
-        for _ in runner.generate(model, [prompt_ids(n)], [params], [set()], prefill_chunk=args.chunk,
-                                 compile=args.compile and not key, max_len=n + params.max_new_tokens):
+        times, t = [], time.perf_counter()
+        for _ in engine_steps(engine, prompt_ids(n), 1 + (args.steps if not key else 0)):
             now = time.perf_counter()
             times.append(now - t)
             t = now
@@ -176,9 +187,7 @@ def worker_ours(args) -> dict:
         if not key:
             result["decode_tok_s"] = 1 / statistics.median(times[1:])
             result["rss_gb"] = peak_rss_gb()  # the reference's workload (this prompt); the long one adds its own
-    from gemma4.engine.kv import KVCache, cache_dtype
-
-    result["kv_bytes"] = KVCache(model.config.text, 1, args.prompt_len + args.steps, cache_dtype(model), "meta").nbytes
+    result["kv_bytes"] = kv_bytes(model.config.text, args.prompt_len + args.steps, cache_dtype(model).itemsize)
     result["rss_gb_long"] = peak_rss_gb()
     nbytes, seconds = read_speed(model)
     result.update(decode_bytes=nbytes, read_gb_s=nbytes / seconds / 1e9, limit_tok_s=1 / seconds)
@@ -188,14 +197,25 @@ def worker_ours(args) -> dict:
 
 # ---------------------------------------------------------------- driver
 
-def run_worker(kind: str, args, checkpoint: str, compile: bool = False, long_prompt: int = 0) -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, "--checkpoint", checkpoint, "--prompt-len",
+def run_worker(kind: str, args, checkpoint: str, compile: bool = False, long_prompt: int = 0,
+               tree: str | None = None) -> dict:
+    """One worker process. `tree`: a checkout of another commit, whose own benchmark and package run instead
+    (a baseline measured in the same run)."""
+    script = os.path.join(tree, "benchmarks", "bench_generate.py") if tree else __file__
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    if tree:
+        env["PYTHONPATH"] = os.path.join(tree, "src")
+    cmd = [sys.executable, script, "--worker", kind, "--checkpoint", checkpoint, "--prompt-len",
            str(args.prompt_len), "--long-prompt", str(long_prompt), "--steps", str(args.steps),
            "--chunk", str(args.chunk)] + (["--compile"] if compile else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode:
         raise SystemExit(f"{kind} worker failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if tree:
+        commit = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        result["engine"] += f" (baseline {commit.stdout.strip() or tree})"
+    return result
 
 
 def quantized_copy(checkpoint: str, bits: str) -> str:
@@ -223,6 +243,11 @@ def main():
     ap.add_argument("--quantize", default="int8,int4", help="also run ours on these weight formats")
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="eager decode only (compiling takes minutes)")
+    ap.add_argument("--baseline", metavar="TREE",
+                    help="also run the bf16 rows from this checkout of another commit (git worktree), each "
+                         "right after ours")
+    ap.add_argument("--rounds", type=int, default=1, help="with --baseline: alternate this many times, keep the "
+                                                          "best decode of each")
     ap.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -232,9 +257,15 @@ def main():
         return
     if not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
         make_checkpoint(args.checkpoint)
-    rows = [run_worker("ours", args, args.checkpoint, long_prompt=args.long_prompt)]
-    if not args.no_compile:
-        rows.append(run_worker("ours", args, args.checkpoint, compile=True))
+    rows = []
+    for compile in (False,) if args.no_compile else (False, True):
+        best = {}
+        for _ in range(args.rounds if args.baseline else 1):
+            for tree in (None, args.baseline) if args.baseline else (None,):
+                r = run_worker("ours", args, args.checkpoint, compile, 0 if compile else args.long_prompt, tree)
+                if r["engine"] not in best or r["decode_tok_s"] > best[r["engine"]]["decode_tok_s"]:
+                    best[r["engine"]] = r
+        rows += best.values()
     for bits in filter(None, args.quantize.split(",")):
         path = quantized_copy(args.checkpoint, bits)
         if bits == "int4" or args.no_compile:  # int4 eager: the default path, next to llama.cpp's Q4_0

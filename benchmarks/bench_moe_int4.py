@@ -81,16 +81,17 @@ def main():
     if not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
         make_checkpoint(args.checkpoint)
 
+    from bench_generate import engine_steps
+
     import gemma4
-    from gemma4.engine import runner
-    from gemma4.engine.sample import SamplingParams
+    from gemma4.engine.engine import Engine
 
     t = time.perf_counter()
     model = gemma4.load(args.checkpoint, device="cpu")  # fp32 activations (a quantized model on a CPU)
     load = time.perf_counter() - t
     ids = torch.randint(3, 262144, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     times, t = [], time.perf_counter()
-    for _ in runner.generate(model, [ids], [SamplingParams(max_new_tokens=args.steps + 1)], [set()]):
+    for _ in engine_steps(Engine(model, max_step_tokens=max(512, len(ids))), ids, args.steps + 1):
         now = time.perf_counter()
         times.append(now - t)
         t = now

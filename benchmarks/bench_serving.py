@@ -58,12 +58,12 @@ def gemm_gflops() -> float:
 
 
 def step_gflop(engine, batch: int, prompt_len: int) -> float:
-    """GFLOP of the weight products in one decode step of `batch` requests, counted as `matmul` is called
+    """GFLOP of the weight products in one decode step of `batch` requests, counted as `ops.linear` is called
     (whichever route each product takes)."""
+    from gemma4 import ops
     from gemma4.engine.sample import SamplingParams
-    from gemma4.model import text
 
-    flop, real = [0], text.matmul
+    flop, real = [0], ops.linear
 
     def counting(x, w):
         flop[0] += 2 * x.numel() * w.shape[0]
@@ -74,11 +74,11 @@ def step_gflop(engine, batch: int, prompt_len: int) -> float:
     while engine.has_work():
         running = engine.scheduler.running
         if not counted and len(running) == batch and all(s.uncomputed == 1 for s in running):
-            text.matmul, counted = counting, True  # the first step where all `batch` requests decode
+            ops.linear, counted = counting, True  # the first step where all `batch` requests decode
         try:
             engine.step()
         finally:
-            text.matmul = real
+            ops.linear = real
         if counted:
             for i in range(batch):
                 engine.abort(f"count-{i}")

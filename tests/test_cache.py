@@ -4,25 +4,21 @@ import pytest
 import torch
 
 import gemma4
-from gemma4.engine.kv import KVCache, kv_bytes_per_token
-from gemma4.engine.runner import step_logits
+from gemma4.engine.engine import Engine
+from gemma4.engine.kv import kv_bytes, kv_bytes_per_token
 
 SHAPES = ["e2b", "e4b", "26b", "31b"]
 N = 30  # window 8: the ring rotates several times
 
 
-def logits_with_cache(model, ids, chunk):
-    """Logits of every position, feeding the prompt `chunk` tokens at a time through a K/V cache."""
-    cache = KVCache(model.config.text, 1, ids.shape[1], model.dtype)
-    out = []
-    for start in range(0, ids.shape[1], chunk):
-        part = ids[:, start:start + chunk]
-        pos = torch.arange(start, start + part.shape[1])[None]
-        embeds, ple_ids = model.embed(part)
-        with torch.no_grad():
-            hidden = model.language_model(embeds, ple_ids, pos, cache=cache)
-            out.append(model.language_model.logits(hidden))
-    return torch.cat(out, dim=1)
+def logits_with_cache(model, ids, chunk, block_size=4):
+    """The last token's logits of each `chunk` tokens fed through the engine's paged cache (its worker, with
+    blocks taken from its pools): [number of chunks, vocab]."""
+    engine = Engine(model, block_size=block_size, max_step_tokens=chunk)
+    n = ids.shape[1]
+    table = {kind: [pool.allocate() for _ in range(-(-n // block_size))] for kind, pool in engine.pools.items()}
+    return torch.cat([engine.worker.forward([ids[0, s:s + chunk].tolist()], [s], [table])
+                      for s in range(0, n, chunk)])
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -36,17 +32,17 @@ def test_prefill_decode_chunked_agree(ckpt, shape):
     scale = full.abs().max().item()
     for chunk in (N, 1, 5, 8, 13):
         got = logits_with_cache(model, ids, chunk)
-        assert (got - full).abs().max().item() <= 1e-10 * scale, f"chunk {chunk}"
+        ends = [min(s + chunk, N) - 1 for s in range(0, N, chunk)]
+        assert (got - full[0, ends]).abs().max().item() <= 1e-10 * scale, f"chunk {chunk}"
 
 
 @pytest.mark.parametrize("shape", ["e2b", "26b"])
 def test_last_token_logits_skip_shared_layers_work(ckpt, shape):
-    """step_logits runs KV-shared layers on the last token only; its logits equal the full forward's."""
+    """A prompt chunk runs KV-shared layers on the last token only; its logits equal the full forward's."""
     path, _ = ckpt(shape)
     model = gemma4.load(path, dtype="float64", device="cpu")
     ids = torch.randint(3, 512, (1, N), generator=torch.Generator().manual_seed(4))
-    cache = KVCache(model.config.text, 1, N + 1, model.dtype)
-    last = step_logits(model, ids, torch.arange(N)[None], cache)
+    last = logits_with_cache(model, ids, N)
     with torch.no_grad():
         full = model(ids)[:, -1]
     assert (last - full).abs().max().item() <= 1e-10 * full.abs().max().item()
@@ -69,9 +65,9 @@ def test_stop_token_ends_one_sequence_not_the_batch(ckpt):
     path, _ = ckpt("e2b")
     llm = gemma4.LLM(path, dtype="float32", device="cpu")
     prompts = [[5, 6, 7], [9, 10, 11, 12]]
-    free = llm.generate(prompts, max_new_tokens=10, stop_token_ids=[])
+    free = llm.generate(prompts, max_new_tokens=10, stop_token_ids=[], temperature=0)
     stop = free[0].token_ids[3]
-    outs = llm.generate(prompts, max_new_tokens=10, stop_token_ids=[stop])
+    outs = llm.generate(prompts, max_new_tokens=10, stop_token_ids=[stop], temperature=0)
     first = free[0].token_ids.index(stop)
     assert outs[0].token_ids == free[0].token_ids[:first + 1] and outs[0].finish_reason == "stop"
     if stop not in free[1].token_ids:
@@ -88,18 +84,22 @@ def test_cache_holds_only_what_is_needed(ckpt, shape, expected):
     path, _ = ckpt(shape)
     cfg = gemma4.load_config(path).text
     for ctx in (5, 8, 100):
-        assert KVCache(cfg, 1, ctx, torch.float32).nbytes == expected(ctx)
+        assert kv_bytes(cfg, ctx, 4) == expected(ctx)
         assert kv_bytes_per_token(cfg, ctx, 4) == expected(ctx) // ctx
+    # the engine's pools: a block of each kind holds block_size positions of what the sequence needs
+    engine = Engine(gemma4.load(path, dtype="float32", device="cpu"), kv_memory=1 << 20, block_size=4)
+    per_block = sum(engine.block_sizes.values())
+    assert per_block == expected(4)
 
 
 def test_compiled_decode_matches_eager(ckpt):
-    """torch.compile'd decode steps (static shapes: whole buffers, masked) give the eager tokens, with a
-    finished row kept in the batch."""
+    """The engine's torch.compile'd decode steps (dynamic batch and key lengths) give the eager tokens, with a
+    row finishing early (the batch shrinks)."""
     path, _ = ckpt("e2b")
     eager = gemma4.LLM(path, dtype="float64", device="cpu")
     compiled = gemma4.LLM(path, dtype="float64", device="cpu", compile=True)
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [9, 10]]
-    kw = dict(max_new_tokens=12, stop_token_ids=[])
+    kw = dict(max_new_tokens=12, stop_token_ids=[], temperature=0)
     want = eager.generate(prompts, **kw)
     stop = want[1].token_ids[2]  # ends the second prompt early, the first runs on
     got = compiled.generate(prompts, **dict(kw, stop_token_ids=[stop]))
@@ -116,7 +116,7 @@ BLOCK_CASES = [(600, 0, None, 0), (600, 0, 100, 0), (700, 300, 512, 0), (513, 40
 def test_prefill_attention_blocks_equal_one_call(T, cached, window, pad):
     """A long prompt's attention by 256-query blocks over the keys each block sees == one SDPA call over all
     keys and the whole mask (float64)."""
-    from gemma4.model.text import prefill_attention
+    from gemma4.ops import prefill_attention
 
     g = torch.Generator().manual_seed(T + cached)
     B, H, K, D = 2, 4, 2, 16
@@ -136,3 +136,33 @@ def test_prefill_attention_blocks_equal_one_call(T, cached, window, pad):
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,
                                                                 enable_gqa=True)
     torch.testing.assert_close(prefill_attention(q, k, v, mask), expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", ["e2b", "31b"])
+def test_forward_returns_last_kv_of_each_kind(ckpt, shape):
+    """return_kv: the final hidden state and the K/V of the last layer of each kind that computes its own (what
+    the MTP drafters attend to): through the engine's paged cache, after a prompt fed in chunks, they equal the
+    cache-free forward's over the whole prompt (31B: K rebuilt from V on its K=V global layers)."""
+    from gemma4.engine.worker import forward_step
+
+    path, _ = ckpt(shape)
+    model = gemma4.load(path, dtype="float64", device="cpu")
+    ids = torch.randint(3, 512, (1, N), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        embeds, ple_ids = model.embed(ids)
+        hidden, kv = model.language_model(embeds, ple_ids, torch.arange(N)[None], return_kv=True)
+        assert torch.equal(hidden, model.language_model(embeds, ple_ids, torch.arange(N)[None]))
+    assert set(kv) == {"full", "sliding"} and all(kv[k][0].shape[2] == N for k in kv)
+    engine = Engine(model, block_size=4, max_step_tokens=N)
+    table = {kind: [pool.allocate() for _ in range(-(-N // 4))] for kind, pool in engine.pools.items()}
+    cache = engine.worker.cache
+    with torch.inference_mode():
+        for s in range(0, N, 7):  # chunks of 7 (the last of 2), the last one asking for the K/V
+            index = cache.index([s], min(7, N - s), {k: [t] for k, t in table.items()})
+            out = forward_step(model, cache, ids[:, s:s + 7], index, return_kv=s + 7 >= N)
+    logits, h, paged = out
+    torch.testing.assert_close(h, hidden[:, -1:], rtol=1e-10, atol=1e-10)
+    for kind in kv:  # the paged K/V covers the keys the last chunk read (the sliding layers: its window)
+        pos = paged[kind][0].shape[2]
+        torch.testing.assert_close(paged[kind][0], kv[kind][0][:, :, N - pos:], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(paged[kind][1], kv[kind][1][:, :, N - pos:], rtol=1e-10, atol=1e-10)

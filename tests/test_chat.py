@@ -72,8 +72,8 @@ def test_chat_bad_input(llm, kwargs, message):
 def test_chat_events_stream_the_turn_and_cancel(llm):
     """chat_events (the streaming chat CLI's path) yields the tokens `chat` returns; leaving early cancels."""
     messages = [{"role": "user", "content": "Hello"}]
-    r = llm.chat(messages, max_new_tokens=6)
-    req, events = llm.chat_events(messages, max_new_tokens=6)
+    r = llm.chat(messages, max_new_tokens=6, temperature=0)
+    req, events = llm.chat_events(messages, max_new_tokens=6, temperature=0)
     tokens = [token for token, _ in events]
     assert req.prompt_ids == llm.tokenizer.encode(llm.render_chat(messages))
     assert llm.tokenizer.decode(tokens) == r.text and len(tokens) == r.completion_tokens

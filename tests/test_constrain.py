@@ -12,11 +12,10 @@ import time
 import jsonschema
 import pytest
 import torch
+from oracle import ContiguousCache, step_logits
 
 from gemma4.chat import constrain
 from gemma4.chat.parse import parse_output
-from gemma4.engine.kv import KVCache
-from gemma4.engine.runner import step_logits
 from gemma4.tokenizer import load_tokenizer
 
 N = 100  # samples per case
@@ -118,7 +117,7 @@ def sample_batch(llm, constraints, prompt, gen, bias):
     """One sequence per constraint, together: temperature-1.0 sampling over the masked logits, a shared K/V
     cache whose finished rows are dropped."""
     model, cfg, B = llm.model, llm.model.config.text, len(constraints)
-    cache = KVCache(cfg, B, len(prompt) + MAX_NEW, model.dtype, model.device)
+    cache = ContiguousCache(cfg, B, len(prompt) + MAX_NEW, model.dtype, model.device)
     logits = step_logits(model, torch.tensor([prompt] * B), torch.arange(len(prompt)).expand(B, -1), cache)
     outputs = [[] for _ in range(B)]
     rows = list(range(B))  # the sequence in each cache row

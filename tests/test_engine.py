@@ -4,9 +4,9 @@ import asyncio
 
 import pytest
 import torch
+from oracle import generate_alone
 
 import gemma4
-from gemma4.engine import runner
 from gemma4.engine.engine import AsyncEngine, Engine
 from gemma4.engine.kv import block_bytes
 from gemma4.engine.sample import Sampler, SamplingParams, sample_rows
@@ -27,7 +27,7 @@ def prompts(lengths=LENGTHS, seed=0):
 
 
 def alone(model, prompt, params):
-    return [ev.token_id for ev in runner.generate(model, [prompt], [params], [set()])]
+    return generate_alone(model, prompt, params)
 
 
 def run(engine, requests):
@@ -94,7 +94,7 @@ def test_stop_token_and_requests_joining_midway(model):
 
 def test_prefix_cache_second_turn(model):
     """Turn 2 = turn 1's prompt + its answer + a new message: the shared prefix comes from the cache
-    (global blocks by hash, sliding blocks of the window before the resume point), with the same output."""
+    (global blocks by prefix, sliding blocks of the window before the resume point), with the same output."""
     [p1, extra] = prompts((45, 11), seed=3)
     engine = Engine(model, block_size=4, max_seqs=2, stop_ids=())
     out1, _ = run(engine, {"t1": (p1, SamplingParams(max_new_tokens=10))})
@@ -108,6 +108,97 @@ def test_prefix_cache_second_turn(model):
     out3, _ = run(engine, {f"s{i}": (p1[:30] + [7 + i] * 5, SamplingParams(max_new_tokens=4)) for i in range(3)})
     for i in range(3):
         assert out3[f"s{i}"] == alone(model, p1[:30] + [7 + i] * 5, SamplingParams(max_new_tokens=4))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_rollback_then_continue_equals_never_drafted(model, k):
+    """k drafted tokens are fed (their K/V written on every kind of layer, the window moving past block
+    boundaries), the target samples after them, then all k + 1 are taken back: the sequence goes on with
+    exactly the tokens of one that never saw them. Blocks past the kept tokens go back at once."""
+    prompt, params = prompts((13,), seed=k)[0], SamplingParams(max_new_tokens=24)
+    want = alone(model, prompt, params)
+    engine = Engine(model, block_size=4, max_seqs=2, stop_ids=(), max_rollback=k + 1)
+    engine.add("r", prompt, params)
+    seq, got = engine.sequences["r"], []
+    while len(got) < 5 + k:  # 18 + k positions: the 8-token window has moved past several blocks
+        got += [ev.token_id for ev in engine.step()]
+    junk = [(t * 7 + 11) % 500 + 3 for t in got[-k:]]  # drafts the target would reject
+    seq.output += junk
+    assert [ev.token_id for ev in engine.step()] and seq.computed == len(seq) - 1  # fed them, sampled one more
+    engine.rollback("r", k + 1)
+    assert seq.output == got and seq.computed == len(seq) - 1
+    assert all(len(t) == -(-len(seq) // 4) for t in seq.blocks.values())
+    while engine.has_work():
+        got += [ev.token_id for ev in engine.step() if ev.token_id is not None]
+    assert got == want
+    assert engine.memory()["used_bytes"] == 0
+
+
+def test_rollback_past_the_kept_window_recomputes(model):
+    """Taking back more computed tokens than the sliding blocks kept behind the window (max_rollback 2, 6 taken
+    back at position ~27 of an 8-token window): the sequence is recomputed (its blocks from the prefix cache
+    where they still hold), with the same tokens; a bad k is refused."""
+    prompt, params = prompts((17,), seed=9)[0], SamplingParams(max_new_tokens=16)
+    want = alone(model, prompt, params)
+    engine = Engine(model, block_size=4, stop_ids=(), max_rollback=2)
+    engine.add("r", prompt, params)
+    seq = engine.sequences["r"]
+    while len(seq.output) < 10:
+        engine.step()
+    for k in (0, 11, True, 2.0):
+        with pytest.raises(ValueError, match="k must be in"):
+            engine.rollback("r", k)
+    engine.rollback("r", 6)
+    assert seq.output == want[:4] and seq.computed == 0 and seq in engine.scheduler.waiting
+    got = list(seq.output)
+    while engine.has_work():
+        got += [ev.token_id for ev in engine.step() if ev.token_id is not None]
+    assert got == want and engine.scheduler.cached_tokens > 0
+    assert engine.memory()["used_bytes"] == 0
+
+
+def test_padded_decode_rows_and_keys_change_nothing(model):
+    """What a CUDA graph replays (engine/worker.py): a decode batch padded to its row bucket (scratch rows in
+    block 0), its key buckets (masked keys) and a fixed table width gives the real rows' logits of the unpadded
+    batch."""
+    from gemma4.engine.worker import forward_step
+
+    engine = Engine(model, block_size=4, max_seqs=4, stop_ids=())
+    for i, p in enumerate(prompts((5, 19, 11))):
+        engine.add(str(i), p, SamplingParams(max_new_tokens=20))
+    for _ in range(6):
+        engine.step()
+    seqs, cache = engine.scheduler.running, engine.worker.cache
+    assert len(seqs) == 3 and all(s.uncomputed == 1 for s in seqs)
+    for s in seqs:  # the blocks the next step would take
+        engine.scheduler._ensure_blocks(s, len(s))
+    ids = torch.tensor([[s.tokens[-1]] for s in seqs])
+    starts = [s.computed for s in seqs]
+    tables = {kind: [s.blocks[kind] for s in seqs] for kind in engine.pools}
+    with torch.inference_mode():
+        plain = forward_step(model, cache, ids, cache.index(starts, 1, tables))
+        index = cache.index(starts, 1, tables, rows=8, keys={"full": 64, "sliding": 32}, width=16)
+        padded = forward_step(model, cache, torch.cat([ids, torch.zeros(5, 1, dtype=ids.dtype)]), index)
+    assert index.keys["full"].shape == (64,) and index.keys["sliding"].shape == (32,)
+    assert all(t.shape == (8, 16) for t in index.tables.values())
+    torch.testing.assert_close(padded[:3], plain, rtol=1e-12, atol=1e-12)
+
+
+def test_prefix_names_compare_tokens_not_hashes():
+    """Two blocks whose Python hashes collide ((0, -1) and (0, -2) hash alike) are different prefixes: the
+    second never finds the first's blocks."""
+    from gemma4.engine.blocks import BlockPool, Prefixes
+
+    assert hash((0, -1)) == hash((0, -2))
+    prefixes = Prefixes()
+    pool = BlockPool(4, 1, prefixes)
+    block = pool.allocate()
+    pool.register(block, prefixes.name(0, [-1]))
+    assert prefixes.find([-1], 1) == [pool.name_of[block]] and prefixes.find([-2], 1) == []
+    pool.release(block)
+    for _ in range(3):  # handed out again: its name is gone
+        pool.allocate()
+    assert prefixes.find([-1], 1) == [] and not prefixes.ids
 
 
 def test_cancel_frees_memory(model):
@@ -175,16 +266,16 @@ def test_a_failing_sequence_ends_alone(model, monkeypatch, caplog):
     """Its sampler or grammar fails mid-decode, or its forward fails inside a decode batch (a one-token prompt
     is fed with the decodes): that sequence ends with "error" (logged, its memory freed), the others run on
     with the tokens they make alone."""
-    from gemma4.engine import engine as engine_module
+    from gemma4.engine.worker import Worker
 
-    real = engine_module.forward_paged
+    real = Worker.forward
 
-    def forward(model, cache, ids, *args, **kw):
+    def forward(worker, ids, *args, **kw):
         if [77] in ids:
             raise RuntimeError("this row cannot run")
-        return real(model, cache, ids, *args, **kw)
+        return real(worker, ids, *args, **kw)
 
-    monkeypatch.setattr(engine_module, "forward_paged", forward)
+    monkeypatch.setattr(Worker, "forward", forward)
     ps, params = prompts((9, 17, 6)), SamplingParams(max_new_tokens=10)
     engine = Engine(model, block_size=4, max_seqs=8, stop_ids=())
     for rid, p, c in (("a", ps[0], None), ("b", ps[1], None), ("grammar", ps[2], ExplodingGrammar())):
@@ -282,10 +373,10 @@ def test_quantized_model_keeps_bf16_kv(ckpt):
     before attending in both caches, so the engine still gives each request's tokens alone."""
     path, _ = ckpt("e2b")
     model = gemma4.load(path, dtype="float32", device="cpu", quantize="int4", group_size=32)
-    # Prompts in one chunk, as runner.generate does: an int4 chunk of up to 16 rows goes to the kernel and a
+    # Prompts in one chunk, as the oracle feeds them: an int4 chunk of up to 16 rows goes to the kernel and a
     # larger one to dequantize + GEMM, whose roundings differ.
     engine = Engine(model, block_size=8, max_seqs=2, max_step_tokens=64, stop_ids=())
-    assert all(t.dtype == torch.bfloat16 for t in engine.cache.v.values())
+    assert all(t.dtype == torch.bfloat16 for t in engine.worker.cache.v.values())
     assert engine.block_sizes == {k: block_bytes(model.config.text, k, 8, 2) for k in engine.block_sizes}
     ps, params = prompts((11, 30)), SamplingParams(max_new_tokens=12)
     out, _ = run(engine, {"a": (ps[0], params), "b": (ps[1], params)})

@@ -173,3 +173,44 @@ def test_bench_serving_bad_device(device, message):
     r = subprocess.run([sys.executable, BENCH_SERVING, "--device", device], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
+
+
+# generation_config.json -> (stop ids, temperature, top_k, top_p) of a request that sets nothing, or the error
+GENERATION_CONFIGS = [
+    (None, ((1, 106, 50), 1.0, None, None)),  # no file: stop on Gemma 4's tokens, temperature 1 alone
+    ({"eos_token_id": [1, 106, 50], "do_sample": True, "temperature": 1.0, "top_k": 64, "top_p": 0.95},
+     ((1, 106, 50), 1.0, 64, 0.95)),  # what Gemma 4 ships
+    ({"eos_token_id": 1, "do_sample": False, "temperature": 0.7}, ((1,), 0.0, None, None)),  # greedy checkpoint
+    ({"temperature": -1}, "temperature must be >= 0"),
+    ({"top_p": "high"}, "top_p must be a finite number"),
+    ("{not json", "not a usable generation config"),
+]
+
+
+@pytest.mark.parametrize("content,expected", GENERATION_CONFIGS)
+def test_generation_config_defaults(tmp_path, content, expected):
+    from gemma4.engine.sample import GenerationConfig
+
+    if content is not None:
+        (tmp_path / "generation_config.json").write_text(content if isinstance(content, str) else json.dumps(content))
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=expected):
+            GenerationConfig.load(tmp_path)
+        return
+    p = GenerationConfig.load(tmp_path).sampling(16)
+    assert (tuple(p.stop_token_ids), p.temperature, p.top_k, p.top_p) == expected
+    q = GenerationConfig.load(tmp_path).sampling(16, temperature=0.5, top_k=0, stop_token_ids=())
+    assert (tuple(q.stop_token_ids), q.temperature, q.top_k) == ((), 0.5, 0)  # a value given wins
+
+
+def test_one_set_of_sampling_defaults(tiny_llm):
+    """LLM, CLI and server build a request's SamplingParams in one place, from the checkpoint's defaults:
+    the same seed gives the same tokens through LLM.generate and the server."""
+    from fastapi.testclient import TestClient
+
+    from gemma4.server.app import create_app
+
+    [out] = tiny_llm.generate([[2, 651, 6037]], max_new_tokens=6, seed=11)
+    with TestClient(create_app(tiny_llm, "tiny")) as client:
+        r = client.post("/v1/completions", json={"prompt": [2, 651, 6037], "max_tokens": 6, "seed": 11})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == out.text

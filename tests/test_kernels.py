@@ -206,7 +206,7 @@ def test_bf16_kernel(kernel, M, K, N):
 
 
 def test_bf16_matmul_routes_decode_rows_to_the_kernel(kernel, monkeypatch):
-    from gemma4.model.text import matmul
+    from gemma4.ops import linear as matmul
 
     w, calls = torch.randn(64, 128).bfloat16(), []
     real = kernels.gemv_bf16
@@ -233,7 +233,7 @@ def test_bf16_matmul_routes_decode_rows_to_the_kernel(kernel, monkeypatch):
 ])
 def test_bf16_many_rows_fp32_product(M, K, N, depth, block_bytes):
     """Prefill's bf16 product: fp32 GEMMs over weight blocks and input chunks, one rounding to bf16."""
-    from gemma4.model.text import _fp32_product
+    from gemma4.ops import _fp32_product
 
     g = torch.Generator().manual_seed(K + N)
     x, w = torch.randn(2, M, K, generator=g).bfloat16(), torch.randn(N, K, generator=g).bfloat16()
@@ -247,7 +247,7 @@ def test_prefill_buffers_are_reused_in_and_out_of_inference_mode():
     """kernels.scratch keeps its buffers per thread; one made under inference_mode is still writable after."""
     import threading
 
-    from gemma4.model.text import _fp32_product
+    from gemma4.ops import _fp32_product
 
     x, w, results = torch.randn(20, 128).bfloat16(), torch.randn(64, 128).bfloat16(), []
 
@@ -266,7 +266,7 @@ def test_prefill_buffers_are_reused_in_and_out_of_inference_mode():
 
 def test_bf16_many_rows_product_trains():
     """With autograd on, the product takes no reused buffers (they would be overwritten under the graph)."""
-    from gemma4.model.text import matmul
+    from gemma4.ops import linear as matmul
 
     x, w = torch.randn(32, 96).bfloat16().requires_grad_(), torch.randn(40, 96).bfloat16().requires_grad_()
     matmul(x, w).float().square().sum().backward()
@@ -383,7 +383,7 @@ def test_decode_attention_kernel_strided_kv_and_no_key(kernel):
 
 def test_small_query_attention_routes_to_the_kernel(kernel, monkeypatch):
     """fp32 / bf16 CPU without gradients: the kernel; float64 (the exactness tests) and autograd: ATen ops."""
-    from gemma4.model.text import small_query_attention
+    from gemma4.ops import small_query_attention
 
     calls = []
     real = kernels.decode_attention

@@ -92,7 +92,7 @@ def test_engine_pool_is_not_resident_until_used():
     model = tiny_random_model()
     before = anon_kb()
     engine = Engine(model, kv_memory=256 << 20)
-    pools = [t for t in (*engine.cache.k.values(), *engine.cache.v.values()) if t is not None]
+    pools = [t for t in (*engine.worker.cache.k.values(), *engine.worker.cache.v.values()) if t is not None]
     assert sum(t.nbytes for t in pools) > 200 << 20
     assert anon_kb() - before < 16 << 10  # kB
 

@@ -36,7 +36,7 @@ def test_greedy_32_tokens_match_reference(ckpt, shape):
     ids = prompt()
     expected = ref.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
     llm = gemma4.LLM(path, dtype="float32", device="cpu")
-    [out] = llm.generate([ids[0].tolist()], max_new_tokens=32, stop_token_ids=[])
+    [out] = llm.generate([ids[0].tolist()], max_new_tokens=32, stop_token_ids=[], temperature=0)
     assert out.token_ids == expected[0, PROMPT_LEN:].tolist()
     assert out.finish_reason == "length"
 
@@ -50,15 +50,15 @@ def test_repetition_penalty_matches_reference(ckpt):
                             pad_token_id=0)
     plain = ref.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert not torch.equal(expected, plain)  # the penalty changes the output
-    [out] = gemma4.LLM(path, dtype="float32", device="cpu").generate([ids[0].tolist()], max_new_tokens=24,
-                                                                      repetition_penalty=1.3, stop_token_ids=[])
+    llm = gemma4.LLM(path, dtype="float32", device="cpu")
+    [out] = llm.generate([ids[0].tolist()], max_new_tokens=24, repetition_penalty=1.3, stop_token_ids=[], temperature=0)
     assert out.token_ids == expected[0, PROMPT_LEN:].tolist()
 
 
 @pytest.mark.parametrize("shape", ["e2b", "31b"])
 def test_long_prompt_matches_reference(ckpt, shape):
     """A 600-token prompt: prefill attention runs by 256-query blocks over the keys each block sees
-    (model.text.prefill_attention), cache-free and through the engine's cache."""
+    (ops.prefill_attention), cache-free and through the engine's cache."""
     path, ref = ckpt(shape)
     ids = prompt(600)
     model = gemma4.load(path, dtype="float32", device="cpu")
@@ -66,7 +66,7 @@ def test_long_prompt_matches_reference(ckpt, shape):
         assert_close(model(ids), ref(input_ids=ids).logits)
     expected = ref.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
     [out] = gemma4.LLM(path, dtype="float32", device="cpu").generate([ids[0].tolist()], max_new_tokens=8,
-                                                                      stop_token_ids=[])
+                                                                      stop_token_ids=[], temperature=0)
     assert out.token_ids == expected[0, 600:].tolist()
 
 
@@ -90,7 +90,7 @@ def test_padded_batch(ckpt, shape):
         assert_close(model(ids, attention_mask=mask)[1, 5:], ref_b)
     # batched generation of prompts of different lengths == the reference one by one
     llm = gemma4.LLM(path, dtype="float32", device="cpu")
-    outs = llm.generate([a.tolist(), b.tolist()], max_new_tokens=12, stop_token_ids=[])
+    outs = llm.generate([a.tolist(), b.tolist()], max_new_tokens=12, stop_token_ids=[], temperature=0)
     for p, out in zip((a, b), outs):
         exp = ref.generate(p[None], max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
         assert out.token_ids == exp[0, len(p):].tolist()
@@ -113,12 +113,11 @@ def test_bf16_close_to_reference(ckpt, monkeypatch, route):
     """A bf16 prefill against the reference's. 21 tokens go to our kernel (up to 64 rows), 80 to the fp32
     GEMM; chunked: that GEMM in 64-column input chunks and 64-row weight blocks, as E2B's 6144-wide down
     projection runs (the tiny model's widths are below the 2048-column chunk)."""
-    from gemma4 import kernels
-    from gemma4.model import text
+    from gemma4 import kernels, ops
 
-    real, calls = text._fp32_product, []
+    real, calls = ops._fp32_product, []
     options = dict(depth=64, block_bytes=64 * 4 * 64) if route == "fp32 chunked" else {}
-    monkeypatch.setattr(text, "_fp32_product", lambda x, w: calls.append(len(x)) or real(x, w, **options))
+    monkeypatch.setattr(ops, "_fp32_product", lambda x, w: calls.append(len(x)) or real(x, w, **options))
     path, ref = ckpt("e2b")
     ref_bf16 = type(ref).from_pretrained(path, dtype=torch.bfloat16).eval()
     model = gemma4.load(path, dtype="bfloat16", device="cpu")
@@ -137,9 +136,9 @@ def test_bf16_decode_matches_reference(ckpt, monkeypatch, batch, length):
     identical. On a CPU every step goes to our bf16 kernel: one row (bf16 x), or 5 or 16 sequences at once (x
     widened to fp32 in tiles of 2-4 rows over pairs of weight rows; 16 rows went to the fp32 GEMM before).
     The prefill: 21 rows through the kernel, 80 (or 16 x 21) through the fp32 GEMM."""
+    from oracle import ContiguousCache, step_logits
+
     from gemma4 import kernels
-    from gemma4.engine.kv import KVCache
-    from gemma4.engine.runner import step_logits
 
     path, ref = ckpt("e2b", tame=True)
     ref_bf16 = type(ref).from_pretrained(path, dtype=torch.bfloat16).eval()
@@ -153,7 +152,7 @@ def test_bf16_decode_matches_reference(ckpt, monkeypatch, batch, length):
     with torch.no_grad():
         want = ref_bf16.generate(ids, max_new_tokens=steps, do_sample=False, output_logits=True,
                                  return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
-    cache = KVCache(model.config.text, batch, ids.shape[1] + steps, torch.bfloat16, "cpu")
+    cache = ContiguousCache(model.config.text, batch, ids.shape[1] + steps, torch.bfloat16, "cpu")
     tokens, pos, x = [], ids.shape[1], ids
     positions = torch.arange(pos)[None].expand(batch, -1)
     for i in range(steps):

@@ -120,6 +120,18 @@ def test_n_seed_logprobs_stop_and_completions(client):
         assert cut.choices[0].text == text[:text.index(text[1:3])] and cut.choices[0].finish_reason == "stop"
 
 
+def test_streamed_completions_run_their_choices_together(client):
+    """A streamed /v1/completions with n = 2 runs both choices at once (as chat does), each with the text the
+    whole answer gives it."""
+    kw = dict(model="tiny", prompt="The capital of France is", max_tokens=6, temperature=1.0, seed=3, n=2)
+    whole = client.completions.create(**kw)
+    chunks = [c.choices[0] for c in client.completions.create(**kw, stream=True) if c.choices]
+    texts = ["".join(c.text for c in chunks if c.index == i) for i in (0, 1)]
+    assert texts == [c.text for c in sorted(whole.choices, key=lambda c: c.index)]
+    order = [c.index for c in chunks]
+    assert order.index(1) < len(order) - 1 - order[::-1].index(0)  # choice 1 began before choice 0 ended
+
+
 def test_thinking_separated(client, scripted):
     scripted("<|channel>thought\nThe user greets me.<channel|>Hi there!")
     r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=50,

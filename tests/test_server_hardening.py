@@ -31,7 +31,7 @@ from test_server import start  # noqa: E402
 from gemma4.chat import fetch  # noqa: E402
 from gemma4.chat.request import MediaPolicy  # noqa: E402
 from gemma4.config import parse_config  # noqa: E402
-from gemma4.engine import engine as engine_module  # noqa: E402
+from gemma4.engine.worker import Worker  # noqa: E402
 from gemma4.llm import LLM, tiny_random_model  # noqa: E402
 from gemma4.server.app import create_app  # noqa: E402
 from gemma4.server.service import Limits  # noqa: E402
@@ -157,14 +157,14 @@ def test_poison_harms_nobody(server, alone, body, status, words):
 def test_failing_forward_ends_its_sequence_alone(server, alone, monkeypatch):
     """A forward that fails for one sequence of a decode batch: the batch is rerun one sequence at a time, and
     only that sequence ends (a one-token prompt is fed in the decode batch, with the victims)."""
-    real = engine_module.forward_paged
+    real = Worker.forward
 
-    def forward(model, cache, ids, *args, **kw):
+    def forward(worker, ids, *args, **kw):
         if any(row == [7777] for row in ids):
             raise RuntimeError("a secret internal detail")
-        return real(model, cache, ids, *args, **kw)
+        return real(worker, ids, *args, **kw)
 
-    monkeypatch.setattr(engine_module, "forward_paged", forward)
+    monkeypatch.setattr(Worker, "forward", forward)
     r = under_attack(server, lambda: post(server, "/v1/completions", json={"prompt": [7777], "max_tokens": 5}),
                      alone)
     assert r.status_code == 500 and "secret" not in r.text and "server log" in r.json()["error"]["message"]

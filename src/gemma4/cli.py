@@ -15,7 +15,7 @@ from importlib import resources
 
 from . import __version__
 from .config import ConfigError, ModelConfig, load_config
-from .engine.sample import SamplingParams
+from .engine.sample import GenerationConfig
 from .kernels import DEFAULT_GROUP_SIZE
 from .llm import LLM, TINY_NOTICE
 from .params import count_params
@@ -131,7 +131,7 @@ def cmd_generate(args) -> int:
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     # Check every option before loading gigabytes of weights.
-    SamplingParams(**sampling)
+    GenerationConfig().sampling(**sampling)
     if args.dtype:
         resolve_dtype(args.dtype, None)
     resolve_device(args.device)
@@ -172,7 +172,7 @@ def _load(args) -> LLM:
     resolve_device(args.device)
     return LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
                kv_memory=_parse_bytes(getattr(args, "kv_memory", None)), max_seqs=getattr(args, "max_seqs", 16),
-               prefill_chunk=getattr(args, "prefill_chunk", 512))
+               prefill_chunk=getattr(args, "prefill_chunk", 512), compile=args.compile)
 
 
 def cmd_serve(args) -> int:
@@ -288,6 +288,10 @@ def cmd_chat(args) -> int:
         history += [message, {"role": "assistant", "content": "".join(answer)}]
 
 
+SAMPLING_DEFAULT = "default: the checkpoint's generation_config.json (Gemma 4: 1.0, with top_k 64, top_p 0.95)"
+COMPILE_HELP = "torch.compile the engine's decode step: a minute or two of compiling, then faster tokens"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gemma4", description="Google's Gemma 4 models in plain PyTorch.")
     parser.add_argument("--version", action="version", version=f"gemma4 {__version__}")
@@ -304,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("--model", help=model_help)
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--temperature", type=float, help=SAMPLING_DEFAULT + "; 0 = greedy")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--min-p", type=float)
@@ -313,8 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="bfloat16, float16 or float32 (default: the checkpoint's)")
     p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization at load")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step: minutes of compiling, then faster tokens")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("quantize", help="write an int8 / int4 copy of a checkpoint (loads without re-quantizing)")
@@ -331,12 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", help="bfloat16, float16 or float32 (default: the checkpoint's)")
         p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")
         p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization at load")
+        p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
     p = sub.add_parser("chat", help="chat in the terminal (streams; /think, /image FILE, /reset, /quit)")
     load_options(p)
     p.add_argument("--think", action="store_true", help="start with thinking on")
     p.add_argument("--max-new-tokens", type=int, default=1024)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, help=SAMPLING_DEFAULT + "; 0 = greedy")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="the OpenAI-compatible HTTP server")

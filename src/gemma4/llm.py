@@ -11,13 +11,13 @@ from importlib import resources
 import torch
 
 from .config import parse_config
-from .engine import runner
-from .engine.sample import DEFAULT_STOP_TOKEN_IDS, SamplingParams
+from .engine.sample import GenerationConfig
 from .kernels import DEFAULT_GROUP_SIZE
 from .model import Gemma4
 from .tokenizer import load_tokenizer
 from .weights import load, resolve_checkpoint, resolve_device, resolve_dtype
 
+TINY_DIR = resources.files("gemma4").joinpath("data/tiny-random")
 TINY_NOTICE = ("gemma4: no checkpoint given, using the built-in tiny random-weight Gemma 4 "
                "(real tokenizer, random weights: its output is gibberish). Pass --model PATH_OR_HUB_ID for a real one.")
 
@@ -53,7 +53,7 @@ def tiny_random_model(dtype=torch.float32, device="cpu", seed: int = 0, config=N
     with random weights drawn from a fixed seed, so the whole stack runs without any download. `config`: another
     (parsed) config to build the same way, e.g. with media towers."""
     if config is None:
-        with resources.files("gemma4").joinpath("data/tiny-random/config.json").open() as f:
+        with TINY_DIR.joinpath("config.json").open() as f:
             config = parse_config(json.load(f))
     gen = torch.Generator().manual_seed(seed)
     model = Gemma4(config)
@@ -65,28 +65,19 @@ def tiny_random_model(dtype=torch.float32, device="cpu", seed: int = 0, config=N
     return model.to(device=device, dtype=dtype).requires_grad_(False).eval()
 
 
-def _stop_ids(ckpt: str | None) -> tuple[int, ...]:
-    file = os.path.join(ckpt, "generation_config.json") if ckpt else None
-    if file and os.path.isfile(file):
-        with open(file, encoding="utf-8") as f:
-            eos = json.load(f).get("eos_token_id")
-        if eos is not None:
-            return tuple(eos if isinstance(eos, list) else [eos])
-    return DEFAULT_STOP_TOKEN_IDS
-
-
 class LLM:
     def __init__(self, path: str | os.PathLike | None = None, dtype=None, device=None,
                  quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE, compile: bool = False,
-                 kv_memory: int | None = None, max_seqs: int = 16, prefill_chunk: int = 512):
+                 kv_memory: int | None = None, max_seqs: int = 16, prefill_chunk: int = 512,
+                 cuda_graphs: bool | None = None):
         """`path`: checkpoint directory or hub id (None: the built-in tiny random model). `quantize`:
         "int8" / "int4" weight-only, done at load (or load a checkpoint saved by `save_quantized`).
-        `compile`: torch.compile the decode step (minutes once, then faster steps; engine/runner.py); with
-        it, and on a GPU (CUDA graphs), `generate` runs a static batch instead of the serving engine.
-        `kv_memory` (bytes), `max_seqs`, `prefill_chunk`: the serving engine's K/V memory (default: 2 GiB on
-        a CPU, 90% of free memory on a GPU), concurrent sequences and tokens per step (engine/engine.py)."""
-        self.compile = compile
-        self.engine_options = dict(kv_memory=kv_memory, max_seqs=max_seqs, max_step_tokens=prefill_chunk)
+        The engine (engine/engine.py) runs everything: `kv_memory` bytes of K/V (default: 2 GiB on a CPU, 90%
+        of free memory on a GPU), `max_seqs` sequences at once, `prefill_chunk` tokens per step; `compile`:
+        torch.compile its decode step (a minute or two once, then faster steps); `cuda_graphs`: replay decode
+        steps as CUDA graphs (default: on a GPU, where the model allows)."""
+        self.engine_options = dict(kv_memory=kv_memory, max_seqs=max_seqs, max_step_tokens=prefill_chunk,
+                                   compile=compile, cuda_graphs=cuda_graphs)
         self._engine = None
         if path is None:
             dtype, device = resolve_dtype(dtype or "float32", None), resolve_device(device or "cpu")
@@ -102,16 +93,17 @@ class LLM:
             self.checkpoint = resolve_checkpoint(path)
             self.model = load(self.checkpoint, dtype=dtype, device=device, quantize=quantize, group_size=group_size)
         self.config = self.model.config
-        self.stop_token_ids = _stop_ids(self.checkpoint)
+        # stop tokens and sampling defaults for every request (the tiny model ships Gemma 4's own)
+        self.generation = GenerationConfig.load(self.checkpoint or str(TINY_DIR))
         self._tokenizer = None
 
     @property
     def engine(self):
-        """The continuous-batching engine (engine/engine.py), made on first use."""
+        """The engine (engine/engine.py), made on first use."""
         if self._engine is None:
             from .engine.engine import Engine
 
-            self._engine = Engine(self.model, stop_ids=self.stop_token_ids, **self.engine_options)
+            self._engine = Engine(self.model, stop_ids=self.generation.stop_token_ids, **self.engine_options)
         return self._engine
 
     @property
@@ -168,8 +160,7 @@ class LLM:
 
         req = prepare_chat(self, messages, tools, tool_choice, response_format, enable_thinking, image_budget,
                            max_tokens=self.engine.max_prompt_tokens)
-        params = SamplingParams(max_new_tokens, stop_token_ids=req.stop_ids or self.stop_token_ids,
-                                **{k: v for k, v in sampling.items() if v is not None})
+        params = self.generation.sampling(max_new_tokens, **{**sampling, "stop_token_ids": req.stop_ids})
         media = self.model.encode_media(req.media) if req.media else None
         self.engine.check(req.prompt_ids, media)  # now, not at the first token (`gemma4 chat` printed a traceback)
         events = self._engine_events([req.prompt_ids], [params], [media], [req.constraint])
@@ -183,40 +174,20 @@ class LLM:
             raise ValueError("the built-in tiny model has no checkpoint to save from")
         save_quantized(self.model, self.checkpoint, out)
 
-    def _check(self, prompt_token_ids) -> list[list[int]]:
-        if not isinstance(prompt_token_ids, (list, tuple)) or not prompt_token_ids:
-            raise ValueError("prompt_token_ids must be a non-empty list of prompts, each a list of token ids")
-        prompts = []
-        vocab, context = self.config.text.vocab_size, self.config.text.max_position_embeddings
-        for i, p in enumerate(prompt_token_ids):
-            if not isinstance(p, (list, tuple)) or not all(isinstance(t, int) for t in p):
-                raise ValueError(f"prompt {i} must be a list of integer token ids, got {type(p).__name__}")
-            if not p:
-                raise ValueError(f"prompt {i} is empty")
-            bad = next((t for t in p if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise ValueError(f"prompt {i}: token id {bad} is out of range [0, {vocab})")
-            if len(p) >= context:
-                raise ValueError(f"prompt {i} has {len(p)} tokens; the context is {context}")
-            prompts.append(list(p))
-        return prompts
-
     def generate_stream(self, prompt_token_ids: list[list[int]], max_new_tokens: int = 256,
-                        temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                        min_p: float | None = None, repetition_penalty: float | None = None,
-                        seed: int | None = None, stop_token_ids=None) -> Iterator[StreamEvent]:
-        """Yield each new token as soon as it is sampled, with the text it completes."""
-        prompts = self._check(prompt_token_ids)
-        stops = tuple(stop_token_ids) if stop_token_ids is not None else self.stop_token_ids
-        params = [SamplingParams(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-                                 seed, stops) for _ in prompts]
+                        **sampling) -> Iterator[StreamEvent]:
+        """Yield each new token as soon as it is sampled, with the text it completes. Sampling keywords:
+        temperature (0 = greedy), top_k, top_p, min_p, repetition_penalty, seed, stop_token_ids; each left out
+        takes the checkpoint's generation_config.json default."""
+        if not isinstance(prompt_token_ids, (list, tuple)) or not prompt_token_ids \
+                or not all(isinstance(p, (list, tuple)) for p in prompt_token_ids):
+            raise ValueError("prompt_token_ids must be a non-empty list of prompts, each a list of token ids")
+        prompts = [list(p) for p in prompt_token_ids]
+        for i, p in enumerate(prompts):
+            self.engine.check(p, name=f"prompt {i}")
+        params = [self.generation.sampling(max_new_tokens, **sampling) for _ in prompts]
         decoders = [self.tokenizer.decode_stream() for _ in prompts]
-        if self.compile or runner.can_graph(self.model):  # a static batch: compiled / CUDA-graph decode steps
-            events = ((ev.index, ev.token_id, ev.finish_reason) for ev in
-                      runner.generate(self.model, prompts, params, [set(stops)] * len(prompts), compile=self.compile))
-        else:
-            events = self._engine_events(prompts, params)
-        for index, token, reason in events:
+        for index, token, reason in self._engine_events(prompts, params):
             text = "" if reason == "stop" else decoders[index].step(token)
             yield StreamEvent(index, token, text, reason)
 
@@ -240,8 +211,7 @@ class LLM:
 
     def generate(self, prompt_token_ids: list[list[int]], max_new_tokens: int = 256,
                  **kwargs) -> list[GenerationResult]:
-        """One result per prompt. Keywords as `generate_stream` (temperature, top_k, top_p, min_p,
-        repetition_penalty, seed, stop_token_ids)."""
+        """One result per prompt. Keywords as `generate_stream`."""
         tokens = [[] for _ in prompt_token_ids]
         reasons = [None] * len(prompt_token_ids)
         for ev in self.generate_stream(prompt_token_ids, max_new_tokens, **kwargs):

@@ -12,7 +12,7 @@ counted in closed form, from transformers' Gemma4VisionModel / Gemma4AudioModel 
 from __future__ import annotations
 
 from .config import ModelConfig
-from .engine.kv import KVCache, kv_bytes_per_token
+from .engine.kv import kv_bytes, kv_bytes_per_token
 from .model import empty_model
 from .weights import resolve_dtype
 
@@ -69,8 +69,7 @@ def count_params(config: ModelConfig, context: int | None = None, dtype=None) ->
     if not isinstance(context, int) or context <= 0:
         raise ValueError(f"context must be a positive number of tokens, got {context!r}")
     dtype = resolve_dtype(dtype, config)
-    # The cache the engine would allocate for one sequence, built on the meta device: measured, not re-derived.
-    cache_bytes = KVCache(text, 1, context, dtype, device="meta").nbytes
+    cache_bytes = kv_bytes(text, context, dtype.itemsize)
     return {
         "params_total": params_text + vision + audio,
         "params_active": params_text - inactive,

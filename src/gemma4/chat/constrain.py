@@ -102,6 +102,12 @@ class Constraint:
         self._check_state()
         self._allowed = None
 
+    def rollback(self, k: int) -> None:
+        """Forget the last k accepted tokens."""
+        self._matcher.rollback(k)
+        self._check_state()
+        self._allowed = None
+
     def is_finished(self) -> bool:
         """True once the structure is complete and only a stop token may follow (or one was accepted)."""
         return self._matcher.is_stopped()

@@ -1,4 +1,4 @@
-"""The serving engine: continuous batching over a paged K/V cache.
+"""The engine: continuous batching over a paged K/V cache, the one generation path (LLM, CLI and server).
 
     engine = Engine(model, kv_memory=2 << 30)
     engine.add("a", prompt_ids, SamplingParams(max_new_tokens=64))
@@ -6,10 +6,11 @@
         for ev in engine.step(): ...        # TokenEvent(request_id, token_id, finish_reason, logprobs)
 
 Requests join and leave between steps; each step is one batched forward over the running decodes plus
-prompt chunks (engine/scheduler.py). A failure in one sequence (its sampler, its grammar, its forward) ends
-that sequence alone with finish reason "error"; the others go on. `AsyncEngine` runs the steps on a thread
-for the server: requests and cancellations reach it through a queue (the event loop never waits for a step),
-and a request's tokens come back on its own asyncio queue.
+prompt chunks (engine/scheduler.py), run by the worker (engine/worker.py: compile, CUDA graphs). A failure
+in one sequence (its sampler, its grammar, its forward) ends that sequence alone with finish reason "error";
+the others go on. `AsyncEngine` runs the steps on a thread for the server: requests and cancellations reach
+it through a queue (the event loop never waits for a step), and a request's tokens come back on its own
+asyncio queue.
 """
 from __future__ import annotations
 
@@ -23,12 +24,12 @@ from dataclasses import dataclass
 import torch
 
 from ..model import Gemma4
-from .blocks import BlockPool
-from .kv import PagedKVCache, block_bytes, cache_dtype
-from .runner import forward_paged
-from .sample import Sampler, SamplingParams, sample_rows
-from .scheduler import KINDS, Scheduler
+from .blocks import BlockPool, Prefixes
+from .kv import KINDS, block_bytes, cache_dtype
+from .sample import DEFAULT_STOP_TOKEN_IDS, Sampler, SamplingParams, sample_rows
+from .scheduler import Scheduler
 from .sequence import Sequence, Status
+from .worker import Worker
 
 log = logging.getLogger("gemma4.engine")
 
@@ -53,10 +54,15 @@ def default_kv_memory(model: Gemma4) -> int:
 
 class Engine:
     def __init__(self, model: Gemma4, kv_memory: int | None = None, block_size: int = 64, max_seqs: int = 16,
-                 max_step_tokens: int = 512, stop_ids=(1, 106, 50)):
+                 max_step_tokens: int = 512, stop_ids=DEFAULT_STOP_TOKEN_IDS, compile: bool = False,
+                 cuda_graphs: bool | None = None, max_rollback: int = 8):
+        """`kv_memory`: bytes of K/V (default: 2 GiB on a CPU, 90% of free memory on a GPU); `max_seqs`
+        sequences at once; `max_step_tokens` per step; `stop_ids` where a request gives none; `compile`,
+        `cuda_graphs`: see engine/worker.py; `max_rollback`: computed tokens `rollback` takes back without
+        recomputing (sliding layers keep that many positions behind their window)."""
         cfg = model.config.text
-        if block_size <= 0 or max_seqs <= 0 or max_step_tokens <= 0:
-            raise ValueError("block_size, max_seqs and max_step_tokens must be positive")
+        if block_size <= 0 or max_seqs <= 0 or max_step_tokens <= 0 or max_rollback < 0:
+            raise ValueError("block_size, max_seqs and max_step_tokens must be positive, and max_rollback >= 0")
         self.model, self.cfg, self.block_size, self.default_stop = model, cfg, block_size, frozenset(stop_ids)
         dsize = cache_dtype(model).itemsize
         sizes = {k: block_bytes(cfg, k, block_size, dsize) for k in KINDS}
@@ -71,16 +77,18 @@ class Engine:
             blocks["sliding"] = min(2 * max_seqs * per_seq, share // sizes["sliding"])
         if "full" in sizes:
             most = max_seqs * -(-cfg.max_position_embeddings // block_size)  # every sequence at full context
-            blocks["full"] = min(most, (kv_memory - blocks.get("sliding", 0) * sizes.get("sliding", 0)) // sizes["full"])
+            left = kv_memory - blocks.get("sliding", 0) * sizes.get("sliding", 0)
+            blocks["full"] = min(most, left // sizes["full"])
         if blocks.get("sliding", per_seq) < per_seq or blocks.get("full", 4) < 4:
             need = (per_seq * sizes.get("sliding", 0) + 4 * sizes.get("full", 0)) * (1 + ("sliding" in sizes))
             raise ValueError(f"kv_memory {kv_memory} bytes is too small for this model: give it at least {need}")
-        self.block_sizes = sizes
-        self.pools = {k: BlockPool(n, sizes[k]) for k, n in blocks.items()}
-        self.cache = PagedKVCache(cfg, blocks, block_size, cache_dtype(model), model.device)
+        self.block_sizes, prefixes = sizes, Prefixes()
+        self.pools = {k: BlockPool(n + 1, sizes[k], prefixes) for k, n in blocks.items()}  # + the scratch block
+        self.worker = Worker(model, {k: n + 1 for k, n in blocks.items()}, block_size, compile, cuda_graphs)
         ids = [model.config.token_ids.get(k) for k in ("image_token_id", "video_token_id", "audio_token_id")]
         self.media_ids = frozenset(i for i in ids if i is not None)
-        self.scheduler = Scheduler(cfg, self.pools, block_size, max_seqs, max_step_tokens, self.media_ids)
+        self.scheduler = Scheduler(cfg, self.pools, block_size, max_seqs, max_step_tokens, self.media_ids,
+                                   max_rollback)
         self.sequences: dict[str, Sequence] = {}
         self.stepper: AsyncEngine | None = None  # the thread that steps this engine for servers (AsyncEngine.of)
         self.capacity = blocks["full"] * block_size if "full" in blocks else cfg.max_position_embeddings
@@ -99,21 +107,25 @@ class Engine:
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
 
-    def check(self, prompt: list[int], media: torch.Tensor | None = None) -> int:
+    def check(self, prompt: list[int], media: torch.Tensor | None = None, name: str = "the prompt") -> int:
         """ValueError unless this engine can take the prompt (ids in the vocabulary, shorter than the context
-        and the K/V memory, one soft-token row per media slot); returns its number of media slots."""
+        and the K/V memory, one soft-token row per media slot); returns its number of media slots. The one
+        validator of prompts, for the API, the CLI and the server; `name` says which prompt in messages."""
         vocab, context = self.cfg.vocab_size, self.cfg.max_position_embeddings
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                            for t in prompt):
+            raise ValueError(f"{name} must be a list of integer token ids")
         if not prompt:
-            raise ValueError("prompt must be a non-empty list of token ids")
-        bad = next((t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab)), None)
+            raise ValueError(f"{name} is empty: give a non-empty list of token ids")
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
         if bad is not None:
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab}): {bad!r} is out of range")
+            raise ValueError(f"{name}: token id {bad} is out of range (token ids are in [0, {vocab}))")
         if len(prompt) > self.max_prompt_tokens:
-            raise ValueError(f"the prompt has {len(prompt)} tokens; the context is {context} and the K/V memory "
+            raise ValueError(f"{name} has {len(prompt)} tokens; the context is {context} and the K/V memory "
                              f"holds {self.capacity}")
         slots = sum(t in self.media_ids for t in prompt)
         if slots and (media is None or media.shape[0] != slots):
-            raise ValueError(f"the prompt has {slots} media placeholder tokens (<|image|>, <|audio|>, <|video|>) but "
+            raise ValueError(f"{name} has {slots} media placeholder tokens (<|image|>, <|audio|>, <|video|>) but "
                              f"{0 if media is None else media.shape[0]} media soft tokens were given: attach media "
                              f"as such, not its placeholder text or ids")
         return slots
@@ -126,6 +138,25 @@ class Engine:
 
     def has_work(self) -> bool:
         return bool(self.scheduler.running or self.scheduler.waiting)
+
+    def stats(self) -> dict:
+        """What servers report and admit by: sequences running and waiting, preemptions and prompt tokens taken
+        from the prefix cache so far, and K/V memory (`memory`)."""
+        sched = self.scheduler
+        return {"running": len(sched.running), "waiting": len(sched.waiting), "preemptions": sched.preemptions,
+                "cached_prompt_tokens": sched.cached_tokens, "memory": self.memory()}
+
+    def rollback(self, request_id: str, k: int) -> None:
+        """Take back the sequence's last k tokens (rejected drafts): it goes on as if it had never seen them.
+        Their K/V are forgotten on every kind of layer and blocks past them freed; the token now last is fed
+        again by the next step. Sliding layers keep `max_rollback` positions behind their window, so taking
+        back that many computed tokens costs nothing; further back, the sequence is recomputed."""
+        seq = self.sequences[request_id]
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= len(seq.output):
+            raise ValueError(f"rollback: k must be in [1, {len(seq.output)}] (the tokens generated), got {k!r}")
+        del seq.output[-k:]
+        seq.sampler.rollback(seq.tokens, k)
+        self.scheduler.rollback(seq, self.worker.cache.copy_block)
 
     def memory(self) -> dict:
         """K/V bytes in use and free (free includes cached blocks no sequence holds), per kind and in all."""
@@ -150,8 +181,9 @@ class Engine:
         for w in chunks:
             last = w.start + w.count == len(w.seq)
             try:
-                logits = forward_paged(self.model, self.cache, [w.seq.token_range(w.start, w.start + w.count)],
-                                       [w.start], [w.seq.blocks], self._media(w), logits=last)
+                media = self._media(w)
+                logits = self.worker.forward([w.seq.token_range(w.start, w.start + w.count)], [w.start],
+                                             [w.seq.blocks], media, logits=last)
                 events.append(self._advance(w, w.seq.sampler.sample(logits[0]) if last else None))
             except Exception as e:
                 events.append(self.fail(w.seq, e))
@@ -161,9 +193,9 @@ class Engine:
         """One batched forward over the decodes; if it fails, each sequence alone, so that only the sequences
         whose own forward fails end. Rewriting a sequence's position writes the same K/V again."""
         try:
-            logits = forward_paged(self.model, self.cache, [w.seq.token_range(w.start, w.start + 1) for w in decodes],
-                                   [w.start for w in decodes], [w.seq.blocks for w in decodes],
-                                   self._media(decodes[0]) if len(decodes) == 1 else None)
+            logits = self.worker.forward([w.seq.token_range(w.start, w.start + 1) for w in decodes],
+                                         [w.start for w in decodes], [w.seq.blocks for w in decodes],
+                                         self._media(decodes[0]) if len(decodes) == 1 else None)
         except Exception as e:
             if len(decodes) == 1:
                 return [self.fail(decodes[0].seq, e)]
@@ -241,7 +273,7 @@ class AsyncEngine:
 
     def waiting(self) -> int:
         """Requests not admitted yet (read without the lock: a count for admission control)."""
-        return len(self.engine.scheduler.waiting) + self.inbox.qsize()
+        return self.engine.stats()["waiting"] + self.inbox.qsize()
 
     def stop(self) -> None:
         """End the stepping thread once its current step is done. A process must not exit while a step runs:

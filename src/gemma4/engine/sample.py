@@ -1,8 +1,10 @@
 """Sampling parameters and next-token selection (greedy, temperature, top-k, top-p, min-p, repetition penalty)."""
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -72,6 +74,45 @@ class SamplingParams:
             bad(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
 
 
+@dataclass(frozen=True)
+class GenerationConfig:
+    """A checkpoint's generation_config.json, read once (LLM): its stop tokens and the sampling defaults that
+    the API, the CLI and the server all use where a request leaves a value out (as vLLM does). Gemma 4 ships
+    temperature 1.0, top_k 64, top_p 0.95; a checkpoint without the file samples at temperature 1 alone."""
+    stop_token_ids: tuple[int, ...] = DEFAULT_STOP_TOKEN_IDS
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike | None) -> GenerationConfig:
+        file = os.path.join(directory, "generation_config.json") if directory else None
+        if not file or not os.path.isfile(file):
+            return cls()
+        try:
+            with open(file, encoding="utf-8") as f:
+                raw = json.load(f)
+            eos = raw.get("eos_token_id")
+            stops = tuple(eos if isinstance(eos, list) else [eos]) if eos is not None else DEFAULT_STOP_TOKEN_IDS
+            greedy = raw.get("do_sample") is False
+            values = {f.name: raw[f.name] for f in fields(cls) if f.name in raw and f.name != "stop_token_ids"}
+            out = cls(stops, **values)
+            if greedy:
+                out = replace(out, temperature=0.0)
+            out.sampling(1)  # the same checks as a request's
+            return out
+        except (OSError, ValueError, TypeError) as e:
+            raise ValueError(f"{file}: not a usable generation config: {e}") from None
+
+    def sampling(self, max_new_tokens: int = 256, **given) -> SamplingParams:
+        """SamplingParams for a request: each value given (not None) over these defaults. The one place that
+        builds them; it validates them too."""
+        defaults = {f.name: getattr(self, f.name) for f in fields(self)}
+        return SamplingParams(max_new_tokens, **{**defaults, **{k: v for k, v in given.items() if v is not None}})
+
+
 @dataclass
 class Sampler:
     """Samples the tokens of one sequence; owns its random generator so a seed fixes its output alone."""
@@ -98,6 +139,13 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> int:
         """logits [vocab] -> token id."""
         return self.sample(logits)[0]
+
+    def rollback(self, tokens: list[int], k: int) -> None:
+        """The sequence's last k sampled tokens were taken back; `tokens`: what it holds now. (The random
+        generator is not rewound: a drafting loop that samples owns its own draws.)"""
+        self.seen = set(tokens)
+        if self.constraint is not None:
+            self.constraint.rollback(k)
 
     def sample(self, logits: torch.Tensor) -> tuple[int, float | None, list[tuple[int, float]] | None]:
         """logits [vocab] -> (token id, its log-probability, the top-k (id, log-probability)) where the

@@ -13,10 +13,9 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..config import TextConfig
-from .blocks import BlockPool, OutOfBlocks, block_hashes
+from .blocks import BlockPool, OutOfBlocks
+from .kv import KINDS
 from .sequence import Sequence, Status
-
-KINDS = ("full", "sliding")
 
 
 @dataclass
@@ -28,8 +27,9 @@ class Work:
 
 class Scheduler:
     def __init__(self, cfg: TextConfig, pools: dict[str, BlockPool], block_size: int, max_seqs: int,
-                 max_step_tokens: int, media_ids: frozenset = frozenset()):
-        self.cfg, self.pools, self.bs = cfg, pools, block_size
+                 max_step_tokens: int, media_ids: frozenset = frozenset(), max_rollback: int = 0):
+        self.cfg, self.pools, self.bs, self.max_rollback = cfg, pools, block_size, max_rollback
+        self.prefixes = next(iter(pools.values())).prefixes
         self.max_seqs, self.max_step_tokens, self.media_ids = max_seqs, max_step_tokens, media_ids
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -44,7 +44,7 @@ class Scheduler:
                 if b is not None:
                     self.pools[kind].release(b)
         seq.blocks = {k: [] for k in KINDS}
-        seq.computed = seq.hashed = 0
+        seq.computed, seq.names = 0, []
 
     def _ensure_blocks(self, seq: Sequence, end: int) -> None:
         """Blocks for positions [0, end); sliding blocks wholly before the window of the next query dropped."""
@@ -53,8 +53,8 @@ class Scheduler:
             table = seq.blocks[kind]
             while len(table) < need:
                 table.append(pool.allocate())
-            if kind == "sliding":
-                for i in range(self._window_first(seq.computed)):
+            if kind == "sliding":  # (kept as far back as a rollback may go)
+                for i in range(self._window_first(seq.computed - self.max_rollback)):
                     if table[i] is not None:
                         pool.release(table[i])
                         table[i] = None
@@ -63,44 +63,64 @@ class Scheduler:
         """The first block a query at `position` reads on sliding layers."""
         return max(0, position - self.cfg.sliding_window + 1) // self.bs
 
+    def rollback(self, seq: Sequence, copy_block) -> None:
+        """After the sequence's last tokens were taken back: the K/V past the token now last are forgotten (the
+        next step feeds that token again), and the blocks past it go back to their pools. A block to be
+        rewritten that another sequence shares is first copied (copy_block(kind, src, dst)): that one still
+        reads it. Back past the sliding blocks kept (`max_rollback`), it is recomputed, as after preemption."""
+        seq.computed = min(seq.computed, len(seq) - 1)
+        keep, end = seq.computed // self.bs, -(-len(seq) // self.bs)
+        for kind, pool in self.pools.items():
+            table = seq.blocks[kind]
+            for b in table[end:]:
+                if b is not None:
+                    pool.release(b)
+            del table[end:]
+            for i in range(keep, len(table)):
+                b = table[i]
+                if b is not None and pool.refs[b] > 1:
+                    table[i] = pool.allocate()  # (one was just released if any was needed)
+                    copy_block(kind, b, table[i])
+                    pool.release(b)
+                elif b is not None:
+                    pool.forget(b)
+        del seq.names[keep:]
+        sliding = seq.blocks.get("sliding", [])
+        if any(b is None for b in sliding[self._window_first(seq.computed):]):
+            self._requeue(seq)
+
     def _reuse_prefix(self, seq: Sequence) -> None:
         """Take the cached blocks of the longest block-aligned prefix that can be resumed: every global block
         before it, and the sliding blocks that its window covers. The last token is always computed (its
         logits are needed), and nothing from the first media token on (placeholders alone do not say
         which image)."""
-        hashes = block_hashes(seq.tokens[:min(len(seq) - 1, self._first_media(seq))], self.bs)
+        names = self.prefixes.find(seq.tokens[:min(len(seq) - 1, self._first_media(seq))], self.bs)
 
         def cached(n: int) -> bool:  # can a sequence resume after n blocks?
             lo = {"full": 0, "sliding": self._window_first(n * self.bs)}
-            return all(pool.has(h) for kind, pool in self.pools.items() for h in hashes[lo[kind]:n])
+            return all(pool.has(pid) for kind, pool in self.pools.items() for pid in names[lo[kind]:n])
 
-        n = next((i for i in range(len(hashes), 0, -1) if cached(i)), 0)
+        n = next((i for i in range(len(names), 0, -1) if cached(i)), 0)
         if n == 0:
             return
         for kind, pool in self.pools.items():
             lo = self._window_first(n * self.bs) if kind == "sliding" else 0
-            seq.blocks[kind] = [None] * lo + [pool.take_cached(h) for h in hashes[lo:n]]
-        seq.computed = seq.hashed = n * self.bs
-        seq.last_hash = hashes[n - 1]
+            seq.blocks[kind] = [None] * lo + [pool.take_cached(pid) for pid in names[lo:n]]
+        seq.computed, seq.names = n * self.bs, names[:n]
 
     def _first_media(self, seq: Sequence) -> int:
         return next((i for i, t in enumerate(seq.tokens) if t in self.media_ids), len(seq)) if self.media_ids \
             else len(seq)
 
     def register_full_blocks(self, seq: Sequence) -> None:
-        """After a forward: hash the blocks it completed, so that later sequences can reuse them."""
-        done = min(seq.computed, self._first_media(seq)) // self.bs
-        first = seq.hashed // self.bs
-        if done <= first:
-            return
-        # the chain continues from the last registered block's hash (0 before the first block)
-        start = seq.last_hash if first else 0
-        hashes = block_hashes(seq.tokens[first * self.bs:done * self.bs], self.bs, salt=start)
-        for i, h in enumerate(hashes, first):
+        """After a forward: name the blocks it completed, so that later sequences can reuse them."""
+        tokens = seq.tokens
+        for i in range(len(seq.names), min(seq.computed, self._first_media(seq)) // self.bs):
+            pid = self.prefixes.name(seq.names[-1] if seq.names else 0, tokens[i * self.bs:(i + 1) * self.bs])
+            seq.names.append(pid)
             for kind, pool in self.pools.items():
                 if seq.blocks[kind][i] is not None:
-                    pool.register(seq.blocks[kind][i], h)
-        seq.hashed, seq.last_hash = done * self.bs, hashes[-1]
+                    pool.register(seq.blocks[kind][i], pid)
 
     # ---------------------------------------------------------------- scheduling
     def add(self, seq: Sequence) -> None:
@@ -126,11 +146,17 @@ class Scheduler:
             return None
         victim = max(victims, key=lambda s: s.arrival)
         self.preemptions += 1
-        self._release(victim)
-        victim.status = Status.WAITING
-        self.running.remove(victim)
-        self.waiting.appendleft(victim)
+        self._requeue(victim)
         return victim
+
+    def _requeue(self, seq: Sequence) -> None:
+        """Back to the front of the queue, its blocks released: recomputed when admitted again (its full blocks
+        stay in the prefix cache until reused)."""
+        self._release(seq)
+        seq.status = Status.WAITING
+        if seq in self.running:
+            self.running.remove(seq)
+        self.waiting.appendleft(seq)
 
     def _chunk_end(self, seq: Sequence, start: int, count: int) -> int:
         """Move a chunk's end back to the start of a media run it would cut (or past the run, if the chunk

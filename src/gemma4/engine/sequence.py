@@ -25,8 +25,7 @@ class Sequence:
     status: Status = Status.WAITING
     computed: int = 0  # tokens whose K/V are in the cache (the rest is fed by the next forwards)
     blocks: dict = field(default_factory=lambda: {"full": [], "sliding": []})  # kind -> block ids (None: dropped)
-    hashed: int = 0  # tokens (whole blocks) whose blocks are registered in the prefix cache
-    last_hash: int = 0  # the chain hash of the last registered block
+    names: list = field(default_factory=list)  # prefix ids of its leading blocks in the prefix cache (blocks.py)
     finish_reason: str | None = None
     cancelled: bool = False
     arrival: int = 0  # admission order: the newest running sequence is preempted first

@@ -190,12 +190,10 @@ class Service:
             limit = min(body.max_tokens or room, room)
             # /v1/completions does not return log-probabilities yet
             logprobs = (body.top_logprobs or 0) if isinstance(body, ChatRequest) and body.logprobs else None
-            params = [SamplingParams(max_new_tokens=limit, temperature=1.0 if body.temperature is None else
-                                     body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
-                                     repetition_penalty=body.repetition_penalty,
-                                     seed=None if body.seed is None else body.seed + i,
-                                     stop_token_ids=tuple(stop_ids or self.llm.stop_token_ids), logprobs=logprobs)
-                      for i in range(body.n)]
+            params = [self.llm.generation.sampling(
+                limit, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
+                repetition_penalty=body.repetition_penalty, seed=None if body.seed is None else body.seed + i,
+                stop_token_ids=stop_ids, logprobs=logprobs) for i in range(body.n)]
         except ValueError as e:
             raise APIError(400, str(e).removeprefix("SamplingParams: ")) from None
         self.counters["prompt_tokens_total"] += len(prompt_ids)
@@ -261,13 +259,12 @@ class Service:
                 t.cancel()
 
     def metrics(self) -> str:
-        engine = self.llm.engine
-        mem = engine.memory()
+        stats = self.llm.engine.stats()
+        mem = stats["memory"]
         lines = [f"gemma4_{k} {v}" for k, v in self.counters.items()]
         lines += [f"gemma4_kv_used_bytes {mem['used_bytes']}", f"gemma4_kv_free_bytes {mem['free_bytes']}",
-                  f"gemma4_requests_running {len(engine.scheduler.running)}",
-                  f"gemma4_requests_waiting {len(engine.scheduler.waiting)}",
-                  f"gemma4_preemptions_total {engine.scheduler.preemptions}",
-                  f"gemma4_prefix_cache_tokens_total {engine.scheduler.cached_tokens}",
+                  f"gemma4_requests_running {stats['running']}", f"gemma4_requests_waiting {stats['waiting']}",
+                  f"gemma4_preemptions_total {stats['preemptions']}",
+                  f"gemma4_prefix_cache_tokens_total {stats['cached_prompt_tokens']}",
                   f"gemma4_media_jobs {self.media_jobs}"]
         return "\n".join(lines) + "\n"

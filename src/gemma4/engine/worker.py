@@ -1,0 +1,110 @@
+"""The model runner: owns the model, its paged K/V cache, torch.compile and CUDA graphs, and runs one forward
+over a batch of rows: a prompt chunk, or one new token for each of a batch of decodes.
+
+Decode steps are where speed is won: a step is thousands of small ops around the weight reads.
+- `compile`: the decode step goes through torch.compile, with the batch and key dimensions dynamic, so
+  that one compilation (a minute or two for E2B on a CPU) serves every batch size and context length.
+- CUDA graphs (on a GPU, by default where the model allows): one graph per decode batch-size bucket (1, 2, 4,
+  8, ... up to the engine's max_seqs) and key-length bucket, captured on first use and replayed: a replay launches the
+  step's ~2,000 kernels without Python in between. Padding rows sit in the cache's scratch block; their
+  logits are dropped.
+Prompt chunks (and steps with media) run eagerly.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..model import Gemma4
+from .kv import BatchIndex, PagedKVCache, cache_dtype
+
+
+def forward_step(model: Gemma4, cache: PagedKVCache, ids: torch.Tensor, index: BatchIndex, media=None,
+                 media_groups=None, logits: bool = True, return_kv: bool = False):
+    """ids [B, T] at index.positions through the model over `cache`: the last token's logits [B, vocab] (None
+    unless `logits`); with `return_kv`, (logits, final hidden [B, 1, E], {kind: (K, V)}: see TextModel)."""
+    embeds, ple_ids = model.embed(ids, media)
+    T = ids.shape[1]
+    out = model.language_model(embeds, ple_ids, index.positions, cache=cache.bind(index, media_groups),
+                               keep=slice(T - 1, T), return_kv=return_kv)
+    hidden, kv = out if return_kv else (out, None)
+    last = model.language_model.logits(hidden)[:, -1] if logits else None
+    return (last, hidden, kv) if return_kv else last
+
+
+def can_graph(model: Gemma4) -> bool:
+    """CUDA graphs need a step with no host sync: the MoE dispatch reads expert counts back to Python."""
+    return model.device.type == "cuda" and not any(s.moe for s in model.config.text.layers)
+
+
+def bucket(n: int, smallest: int = 1) -> int:
+    """The power of two >= n (and >= smallest)."""
+    return max(smallest, 1 << (n - 1).bit_length())
+
+
+class Graph:
+    """One decode step captured as a CUDA graph for `rows` rows reading `keys[kind]` keys per kind. Inputs are
+    copied into its static tensors; capture and warm-up run on scratch rows (block 0), so they can happen while
+    the cache holds live sequences."""
+
+    def __init__(self, step, model: Gemma4, cache: PagedKVCache, rows: int, keys: dict[str, int], width: int):
+        device = model.device
+        self.ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.index = cache.index([0] * rows, 1, {k: [[0]] * rows for k in keys}, rows, keys, width)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the capture stream, as CUDA graphs require
+            for _ in range(2):
+                step(model, cache, self.ids, self.index)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = step(model, cache, self.ids, self.index)
+
+    def __call__(self, ids: torch.Tensor, index: BatchIndex) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.index.positions.copy_(index.positions)
+        for kind, table in index.tables.items():  # (index.keys are the same aranges)
+            self.index.tables[kind].copy_(table)
+        self.graph.replay()
+        return self.logits
+
+
+class Worker:
+    def __init__(self, model: Gemma4, num_blocks: dict[str, int], block_size: int, compile: bool = False,
+                 cuda_graphs: bool | None = None):
+        if cuda_graphs and not can_graph(model):
+            raise ValueError("CUDA graphs need a CUDA device and a model without experts (MoE syncs with the host)")
+        self.model, self.kinds = model, tuple(num_blocks)
+        self.cache = PagedKVCache(model.config.text, num_blocks, block_size, cache_dtype(model), model.device)
+        self.graphed = can_graph(model) if cuda_graphs is None else cuda_graphs
+        self.graphs: dict[tuple, Graph] = {}
+        self.decode_step = forward_step
+        if compile:
+            text = model.language_model
+            if text.ple_rows is not None:  # file reads (weights.FileRows): run between the step's graphs
+                text.ple_rows = torch.compiler.disable(text.ple_rows)
+            self.decode_step = torch.compile(forward_step, dynamic=True)
+
+    def forward(self, ids: list[list[int]], starts: list[int], tables: list[dict], media=None,
+                logits: bool = True) -> torch.Tensor | None:
+        """Rows of equal length (one token each for decodes, or one prompt chunk), row b continuing its sequence
+        at starts[b] with its blocks tables[b] (kind -> block ids). `media`: the soft-token rows of the chunk's
+        media slots. Returns the last token's logits [B, vocab] if asked."""
+        B, T = len(ids), len(ids[0])
+        per_kind = {kind: [t[kind] for t in tables] for kind in self.kinds}
+        input_ids = torch.tensor(ids, device=self.model.device)
+        with torch.inference_mode():
+            if T > 1 or media is not None or not logits:
+                groups = self.model.media_groups(input_ids) if media is not None else None
+                return forward_step(self.model, self.cache, input_ids, self.cache.index(starts, T, per_kind), media,
+                                    groups, logits)
+            if not self.graphed:
+                return self.decode_step(self.model, self.cache, input_ids, self.cache.index(starts, 1, per_kind))
+            rows = bucket(B)
+            keys = {kind: bucket(self.cache.keys_read(kind, starts, 1), 256) for kind in self.kinds}
+            width = -(-bucket(max(starts) + 1, 256) // self.cache.block_size)  # blocks up to the last position
+            shape = (rows, width, *keys.items())
+            if shape not in self.graphs:
+                self.graphs[shape] = Graph(self.decode_step, self.model, self.cache, rows, keys, width)
+            graph, index = self.graphs[shape], self.cache.index(starts, 1, per_kind, rows, keys, width)
+            return graph(torch.nn.functional.pad(input_ids, (0, 0, 0, rows - B)), index)[:B]
