@@ -381,3 +381,13 @@ def test_quantized_model_keeps_bf16_kv(ckpt):
     ps, params = prompts((11, 30)), SamplingParams(max_new_tokens=12)
     out, _ = run(engine, {"a": (ps[0], params), "b": (ps[1], params)})
     assert out == {"a": alone(model, ps[0], params), "b": alone(model, ps[1], params)}
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(cuda_graphs=True), "CUDA graphs need a CUDA device"),  # asked for on a CPU
+    (dict(max_rollback=-1), "max_rollback >= 0"),
+    (dict(max_seqs=0), "must be positive"),
+])
+def test_bad_engine_options(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Engine(model, block_size=8, **kwargs)
