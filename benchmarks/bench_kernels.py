@@ -1,6 +1,6 @@
 """Decode-step matmul throughput: our int4/int8 kernels vs bf16 F.linear and PyTorch's packed kernels.
 
-    python benchmarks/bench_kernels.py [--threads 2] [--rows 1 8] [--group-size 64] [--quick]
+    python benchmarks/bench_kernels.py [--threads 2] [--rows 1 8] [--group-size 64] [--quick] [--isa avx2 ...]
 
 GB/s counts the bytes of weights each call must read (packed weights + scales), so it is comparable with the
 machine's read bandwidth, measured first by an fp32 GEMV.  Every measurement cycles through distinct weight
@@ -12,7 +12,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from gemma4 import kernels
+from gemma4 import hardware, kernels
 
 SHAPES = [(6144, 1536), (1536, 6144), (12288, 1536), (1536, 12288), (2048, 1536), (1536, 2048), (262144, 1536)]
 MIN_BYTES = 200e6
@@ -40,21 +40,30 @@ def copies(nbytes):
     return max(2, int(MIN_BYTES // nbytes) + 1)
 
 
+def ours(isa):
+    """The ops of our kernel build for `isa` (built on first use)."""
+    hardware.select(isa=isa)
+    ops = kernels._ops()
+    hardware.select()
+    return ops
+
+
 def make(method, N, K, gs):
-    """(fn, weight-bytes per call, a function making one argument tuple minus x)."""
+    """(fn, weight-bytes per call, a function making one argument tuple minus x). "(ours ISA)" methods run
+    that build of our kernels."""
     if method == "bf16 F.linear":
         return F.linear, N * K * 2, lambda: (torch.randn(N, K, dtype=torch.bfloat16),)
-    if method == "bf16 (ours)":
-        return kernels.gemv_bf16, N * K * 2, lambda: (torch.randn(N, K, dtype=torch.bfloat16),)
-    if method in ("int8 (ours)", "int4 (ours)"):
-        bits = 8 if method.startswith("int8") else 4
+    if method.startswith("bf16 (ours"):
+        return ours(method[method.index("(ours") + 6:-1]).gemv_bf16, N * K * 2, lambda: (torch.randn(N, K, dtype=torch.bfloat16),)
+    if method.startswith(("int8 (ours", "int4 (ours")):
+        bits, ops = (8 if method.startswith("int8") else 4), ours(method[method.index("(ours") + 6:-1])
         nbytes = N * K * bits // 8 + N * (K // gs) * 2
 
         def weights():
             q = torch.randint(-127, 128, (N, K), dtype=torch.int8) if bits == 8 else \
                 torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
             return q, torch.rand(N, K // gs).mul_(0.01).half()
-        return (lambda x, q, s: kernels.qmatmul(x, q, s, bits, gs)), nbytes, weights
+        return (lambda x, q, s: ops.qgemv(x, q, s, bits, gs)), nbytes, weights
     if method == "torch int8pack":
         return (torch.ops.aten._weight_int8pack_mm, N * K + N * 2,
                 lambda: (torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N, dtype=torch.bfloat16)))
@@ -86,15 +95,19 @@ def main():
     p.add_argument("--methods", nargs="+", default=["bf16 F.linear", "bf16 (ours)", "int8 (ours)", "int4 (ours)",
                                                        "torch int8pack", "torch int4pack"])
     p.add_argument("--quick", action="store_true", help="skip the [262144, 1536] embedding-sized shape")
+    p.add_argument("--isa", nargs="+", default=[hardware.isa()],
+                   help=f"our kernel builds to run (this CPU runs: {', '.join(hardware.cpu().isas())})")
     args = p.parse_args()
+    args.methods = [m.replace("(ours)", f"(ours {isa})") for m in args.methods
+                    for isa in (args.isa if "(ours)" in m else [None])]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"threads={torch.get_num_threads()}  kernel_available={kernels.kernel_available()}  "
-          f"group_size={args.group_size}")
+    print(f"CPU: {hardware.cpu().name}  threads={torch.get_num_threads()}  group_size={args.group_size}  "
+          f"kernel builds: {', '.join(args.isa)}")
     bw, bw_sum = read_bandwidth()
     print(f"read bandwidth: fp32 GEMV over > 200 MB of weights {bw:.1f} GB/s  (tensor.sum over 256 MB {bw_sum:.1f} GB/s)\n")
     shapes = SHAPES[:-1] if args.quick else SHAPES
-    print(f"{'shape [N, K]':>16} {'M':>3} | " + " | ".join(f"{m:>21}" for m in args.methods))
+    print(f"{'shape [N, K]':>16} {'M':>3} | " + " | ".join(f"{m:>23}" for m in args.methods))
     print("-" * (23 + 24 * len(args.methods)))
     ours = {}  # method -> GB/s at M=1, per shape
     for N, K in shapes:
@@ -110,7 +123,7 @@ def main():
                     ours.setdefault(method, []).append(nbytes / t / 1e9)
             del ws
         for r in args.rows:
-            print(f"{str([N, K]):>16} {r:>3} | " + " | ".join(f"{c:>21}" for c in results[r]))
+            print(f"{str([N, K]):>16} {r:>3} | " + " | ".join(f"{c:>23}" for c in results[r]))
     print("\nGB/s = bytes of weights + scales per call / time per call (best of >= 8 rounds).")
     for method, v in ours.items():
         print(f"{method} at M=1: {min(v) / bw:.0%} .. {max(v) / bw:.0%} of the fp32-GEMV read bandwidth "

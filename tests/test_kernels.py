@@ -1,10 +1,13 @@
 """Weight-only int4 / int8 quantization (gemma4.kernels) and its decode kernels (csrc/qgemv.cpp)."""
+import shutil
+import subprocess
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
-from gemma4 import kernels
+from gemma4 import hardware, kernels
 from gemma4.kernels import dequantize, qmatmul, quantize
 
 # (bits, group_size) -> bound on the relative RMS error of dequantize(quantize(w)) for Gaussian w.
@@ -38,7 +41,24 @@ def q8_emulation(x, wd):
 @pytest.fixture(scope="module")
 def kernel():
     if not kernels.kernel_available():
-        pytest.skip(f"int4/int8 kernel unavailable: {kernels._build or 'disabled by GEMMA4_NO_KERNELS'}")
+        pytest.skip(f"int4/int8 kernel unavailable: {kernels.unavailable_reason()}")
+
+
+X86_ISAS = [name for name, _, _ in hardware.ISAS if not name.startswith("neon")]
+
+
+@pytest.fixture(params=X86_ISAS)
+def isa(request):
+    """Each kernel build this CPU can run, forced in turn (the others are skipped, saying why)."""
+    if request.param not in hardware.cpu().isas():
+        pytest.skip(f"this CPU cannot run the {request.param} kernels (it runs: {hardware.cpu().isas()})")
+    hardware.select(isa=request.param)
+    try:
+        if not kernels.kernel_available():
+            pytest.skip(f"{request.param} kernels unavailable: {kernels.unavailable_reason()}")
+        yield request.param
+    finally:
+        hardware.select()
 
 
 @pytest.mark.parametrize("bits,group_size", sorted(ROUNDTRIP))
@@ -75,7 +95,7 @@ def test_zero_groups():
 
 
 @pytest.mark.parametrize("bits,group_size,K,N", CASES)
-def test_kernel(kernel, bits, group_size, K, N):
+def test_kernel(isa, bits, group_size, K, N):
     g = torch.Generator().manual_seed(K * N + bits)
     q, s = quantize(torch.randn(N, K, generator=g), bits, group_size)
     wd = dequantize(q, s, bits, group_size)
@@ -96,8 +116,11 @@ def test_kernel(kernel, bits, group_size, K, N):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_fallback_is_exact(bits, monkeypatch):
-    """GEMMA4_NO_KERNELS=1: dequantize + fp32 F.linear, equal to the reference up to fp32 rounding."""
+    """GEMMA4_NO_KERNELS=1: dequantize + fp32 F.linear (where bf16 is emulated), equal to the reference up to
+    fp32 rounding."""
     monkeypatch.setenv("GEMMA4_NO_KERNELS", "1")
+    monkeypatch.setattr(hardware, "_chosen", {"native_bf16": False})
+    monkeypatch.setattr(kernels, "_current", None)
     assert not kernels.kernel_available()
     q, s = quantize(torch.randn(300, 1536), bits, 64)
     wd = dequantize(q, s, bits, 64)
@@ -108,20 +131,24 @@ def test_fallback_is_exact(bits, monkeypatch):
 
 
 @pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 128), (8, 64)])
-def test_dequantize_kernel_is_exact(kernel, bits, group_size, monkeypatch):
+def test_dequantize_kernel_is_exact(isa, bits, group_size, monkeypatch):
     q, s = quantize(torch.randn(37, 384), bits, group_size)
     fast = dequantize(q, s, bits, group_size)
     into = torch.full((37, 384), float("nan"))  # prefill's reused buffer
     assert dequantize(q, s, bits, group_size, out=into) is into and torch.equal(into, fast)
+    into16 = torch.full((37, 384), float("nan"), dtype=torch.bfloat16)  # native-bf16 prefill's buffer
+    assert dequantize(q, s, bits, group_size, out=into16) is into16 and torch.equal(into16, fast.bfloat16())
     for bad in (torch.empty(37, 383), torch.empty(37, 384, dtype=torch.float64), torch.empty(384, 37).t()):
-        with pytest.raises(RuntimeError, match="out must be a contiguous float32 \\[37, 384\\]"):
-            torch.ops.gemma4_kernels.dequant_into(q, s, bits, group_size, bad)
+        with pytest.raises(RuntimeError, match="out must be a contiguous float32 or bfloat16 \\[37, 384\\]"):
+            kernels._ops().dequant_into(q, s, bits, group_size, bad)
     monkeypatch.setenv("GEMMA4_NO_KERNELS", "1")
     assert torch.equal(fast, dequantize(q, s, bits, group_size))  # q * fp16 scale is exact in fp32
     into.fill_(float("nan"))
     assert dequantize(q, s, bits, group_size, out=into) is into and torch.equal(into, fast)
+    into16.fill_(float("nan"))
+    assert dequantize(q, s, bits, group_size, out=into16) is into16 and torch.equal(into16, fast.bfloat16())
     for bad in (torch.empty(1, 384), torch.empty(37, 384, dtype=torch.float64), torch.empty(384, 37).t()):
-        with pytest.raises(ValueError, match="out must be a contiguous float32 \\[37, 384\\] tensor"):
+        with pytest.raises(ValueError, match="out must be a contiguous float32 or bfloat16 \\[37, 384\\] tensor"):
             dequantize(q, s, bits, group_size, out=bad)  # both paths: checked before either runs
 
 
@@ -152,8 +179,9 @@ def test_leading_dims(kernel):
 
 def test_build_failure_falls_back_with_one_warning(monkeypatch):
     monkeypatch.delenv("GEMMA4_NO_KERNELS", raising=False)
-    monkeypatch.setattr(kernels, "_build", None)
-    monkeypatch.setattr(kernels, "_load", lambda: "build failed: no compiler")
+    monkeypatch.setattr(kernels, "_builds", {})
+    monkeypatch.setattr(kernels, "_current", None)
+    monkeypatch.setattr(kernels, "_load", lambda isa: "build failed: no compiler")
     q, s = quantize(torch.randn(8, 64), 8, 32)
     x = torch.randn(1, 64)
     with pytest.warns(RuntimeWarning, match="no compiler.*slower"):
@@ -195,18 +223,30 @@ BF16_CASES = [(1, 16, 5), (1, 40, 3), (2, 1536, 7), (3, 1536, 300), (4, 1536, 10
 
 
 @pytest.mark.parametrize("M,K,N", BF16_CASES)
-def test_bf16_kernel(kernel, M, K, N):
+def test_bf16_kernel(isa, M, K, N):
     g = torch.Generator().manual_seed(M * K + N)
     x, w = torch.randn(M, K, generator=g).bfloat16(), torch.randn(N, K, generator=g).bfloat16()
-    out = torch.ops.gemma4_kernels.gemv_bf16(x, w)
+    out = kernels._ops().gemv_bf16(x, w)
     exact = x.double() @ w.double().T
     assert out.dtype == torch.bfloat16 and out.shape == (M, N)
     # fp32 accumulation, one rounding to bf16: within half a bf16 step (2^-9 relative) plus summation error
     assert ((out.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-4 * K ** 0.5).all()
 
 
+@pytest.fixture(params=[False, True], ids=["emulated-bf16", "native-bf16"])
+def bf16_gemm(request):
+    """Prefill's bf16 product forced to the fp32 blocks (emulated bf16) or to PyTorch's bf16 GEMM (native): both
+    are correct on any CPU, only their speed depends on it."""
+    hardware.select(native_bf16=request.param)
+    yield request.param
+    hardware.select()
+
+
 def test_bf16_matmul_routes_decode_rows_to_the_kernel(kernel, monkeypatch):
     from gemma4.ops import linear as matmul
+
+    monkeypatch.setattr(hardware, "_chosen", {"native_bf16": False})  # bf16 emulated; restored after the test
+    monkeypatch.setattr(kernels, "_current", None)
 
     w, calls = torch.randn(64, 128).bfloat16(), []
     real = kernels.gemv_bf16
@@ -223,6 +263,34 @@ def test_bf16_matmul_routes_decode_rows_to_the_kernel(kernel, monkeypatch):
     out = matmul(x, w)  # a graph: never the kernel, which has no backward
     out.float().sum().backward()
     assert len(calls) == 5 and torch.allclose(x.grad.float(), w.float().sum(0).expand(2, -1), rtol=2 ** -7)
+    hardware._chosen["native_bf16"] = True  # bf16 GEMM native: the kernel takes 1-2 rows, PyTorch's GEMM the rest
+    kernels.reset()
+    calls.clear()
+    for shape in [(1, 1, 128), (2, 128), (3, 128), (4, 16, 128)]:
+        matmul(torch.randn(shape).bfloat16(), w)
+    assert calls == [(1, 1, 128), (2, 128)]
+
+
+@pytest.mark.parametrize("bits", [None, 4, 8])
+def test_prefill_product_on_either_bf16_gemm(bf16_gemm, bits):
+    """Prefill-sized products (40 rows) of bf16 activations: within bf16 rounding of the exact product, whichever
+    GEMM runs; quantized weights are dequantized to bf16 blocks for the native GEMM (one more rounding each)."""
+    from gemma4.ops import linear as matmul
+
+    g = torch.Generator().manual_seed(40 + (bits or 0))
+    x, w = torch.randn(40, 640, generator=g).bfloat16(), torch.randn(300, 640, generator=g)
+    if bits is None:
+        w = w.bfloat16()
+        out, wd = matmul(x, w), w.double()
+    else:
+        q, s = quantize(w, bits, 64)
+        out, wd = qmatmul(x, q, s, bits, 64), dequantize(q, s, bits, 64).double()
+    exact, magnitude = x.double() @ wd.T, x.double().abs() @ wd.abs().T
+    assert out.dtype == torch.bfloat16 and out.shape == (40, 300)
+    # one rounding of the output (half a bf16 step, 2^-9) and fp32 sums; with weights rounded to bf16, at most
+    # 2^-9 of each |x w| more
+    weights = 2 ** -9 if bits and bf16_gemm else 1e-6
+    assert ((out.double() - exact).abs() <= exact.abs() * 2 ** -8 + magnitude * weights).all()
 
 
 
@@ -282,7 +350,7 @@ def test_bf16_many_rows_product_trains():
 ])
 def test_bf16_kernel_bad_inputs(kernel, x, w, message):
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.gemma4_kernels.gemv_bf16(x, w)
+        kernels._ops().gemv_bf16(x, w)
 
 
 # (shape of x, dtype, with a weight): rows of 256 / 512 / 1536 (Gemma 4's head dims and E2B's width), a width
@@ -338,7 +406,7 @@ def test_rms_norm_routes_to_the_kernel(kernel, monkeypatch):
 ])
 def test_rms_norm_kernel_bad_inputs(kernel, x, w, message):
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.gemma4_kernels.rms_norm(x, w, 1e-6)
+        kernels._ops().rms_norm(x, w, 1e-6)
 
 
 # (B, H, K, T, S, D, K/V dtype, q dtype): E2B's sliding and global decode (530 keys: a last chunk of 18), 26B's
@@ -410,3 +478,82 @@ def test_decode_attention_kernel_bad_inputs(kernel, q, kv, mask, message):
     mask = torch.ones(1, 1, 1, 9, dtype=torch.bool) if mask is None else mask
     with pytest.raises(RuntimeError, match=message):
         kernels.decode_attention(q, kv, kv, mask)
+
+
+# ---- ARM NEON builds, on this x86 machine: the kernels' torch-free core (csrc/gemv.h) cross-compiled and run
+# under qemu-user, against the same references as the x86 builds above.
+CROSS, QEMU = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
+CSRC = Path(kernels.__file__).parent / "csrc"
+NEED_ARM = "needs the Debian packages g++-aarch64-linux-gnu and qemu-user (apt-get install ...)"
+
+
+@pytest.fixture(scope="module", params=["neon", "neon_dotprod"])
+def neon(request, tmp_path_factory):
+    """(isa, run): run(op, xtype, M, N, K, group, **operands) -> the standalone binary's output array."""
+    if not (CROSS and QEMU):
+        pytest.skip(NEED_ARM)
+    binary = tmp_path_factory.mktemp(request.param) / "standalone"
+    subprocess.run([CROSS, "-O2", "-static", "-std=c++17", *hardware.ISA_FLAGS[request.param],
+                    str(CSRC / "standalone.cpp"), "-o", str(binary)], check=True, capture_output=True)
+
+    def run(op, xtype, M, N, K, group, out_dtype=torch.float32, **operands):
+        work = tmp_path_factory.mktemp("operands")
+        for name, t in operands.items():
+            (work / f"{name}.bin").write_bytes(t.contiguous().view(torch.uint8).numpy().tobytes())
+        done = subprocess.run([QEMU, str(binary), op, xtype, str(M), str(N), str(K), str(group), str(work)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        raw = torch.frombuffer(bytearray((work / "out.bin").read_bytes()), dtype=torch.uint8)
+        return raw.view(out_dtype)
+    return request.param, run
+
+
+# (bits, group_size, K, N, M): odd and even block counts, 1-4 scales per group, rows in 1 or 2 tiles (9 = 4 + 5)
+NEON_CASES = [(4, 32, 96, 37, 1), (4, 64, 1536, 300, 3), (4, 128, 384, 13, 9), (8, 32, 64, 37, 2),
+              (8, 64, 1536, 101, 1), (8, 96, 288, 7, 9)]
+
+
+@pytest.mark.parametrize("bits,group_size,K,N,M", NEON_CASES)
+@pytest.mark.parametrize("xtype", ["f32", "bf16", "f16"])
+def test_neon_quantized_kernel(neon, bits, group_size, K, N, M, xtype):
+    _, run = neon
+    g = torch.Generator().manual_seed(K * N + bits)
+    q, s = quantize(torch.randn(N, K, generator=g), bits, group_size)
+    wd = dequantize(q, s, bits, group_size)
+    x = torch.randn(M, K, generator=g).to({"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[xtype])
+    out = run(f"q{bits}", xtype, M, N, K, group_size, x=x, qweight=q, scales=s).view(M, N)
+    emu = q8_emulation(x.float(), wd)  # the same integer arithmetic as the x86 kernels: fp32 order only differs
+    assert (out.double() - emu).abs().max() <= 2e-6 * emu.abs().max()
+    assert rel(out, x.float() @ wd.T) < KERNEL_RTOL
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 40, 3), (1, 1536, 300), (3, 1536, 7), (5, 48, 9), (9, 72, 33)])
+def test_neon_bf16_kernel(neon, M, K, N):
+    _, run = neon
+    g = torch.Generator().manual_seed(M * K + N)
+    x, w = torch.randn(M, K, generator=g).bfloat16(), torch.randn(N, K, generator=g).bfloat16()
+    out = run("bf16", "bf16", M, N, K, 0, x=x, w=w).view(M, N)  # fp32 sums (the op rounds them to bf16)
+    exact = x.double() @ w.double().T
+    assert ((out.double() - exact).abs() <= 1e-5 * (x.double().abs() @ w.double().abs().T)).all()
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 128), (8, 64)])
+def test_neon_dequantize_is_exact(neon, bits, group_size):
+    _, run = neon
+    q, s = quantize(torch.randn(37, 384), bits, group_size)
+    exact = dequantize(q, s, bits, group_size)
+    assert torch.equal(run(f"dq{bits}", "f32", 0, 37, 384, group_size, qweight=q, scales=s).view(37, 384), exact)
+    out16 = run(f"dq{bits}", "bf16", 0, 37, 384, group_size, torch.bfloat16, qweight=q, scales=s)
+    assert torch.equal(out16.view(37, 384), exact.bfloat16())
+
+
+@pytest.mark.parametrize("isa", ["neon", "neon_dotprod"])
+def test_arm_build_of_the_torch_ops_compiles(isa):
+    """The ops file as an ARM machine builds it (torch's headers are the same): only the products registered."""
+    if not CROSS:
+        pytest.skip(NEED_ARM)
+    from torch.utils.cpp_extension import include_paths
+
+    done = subprocess.run([CROSS, "-fsyntax-only", "-std=c++17", *hardware.ISA_FLAGS[isa], f"-DGEMMA4_OPS=gemma4_{isa}",
+                           *(f"-I{p}" for p in include_paths()), str(CSRC / "qgemv.cpp")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -102,7 +102,27 @@ def _info_rows(name: str, cfg: ModelConfig, c: dict) -> list[tuple[str, str]]:
     ]
 
 
+def _hardware_rows(d: dict) -> list[tuple[str, str]]:
+    rows = [("cpu", f"{d['cpu']} ({d['arch']}, {d['threads']} threads)"),
+            ("features", " ".join(d["features"]) or "none of note"),
+            ("torch capability", f"{d['torch_capability']}; oneDNN bf16 GEMM: {'yes' if d['onednn_bf16'] else 'no'}"),
+            ("kernel builds", ", ".join(d["kernel_isas"]) or "none for this CPU"),
+            ("kernels", f"{d['kernel_isa']}: {d['kernels']}" if d["kernel_isa"] else d["kernels"]),
+            ("paths", "")]
+    return rows + [(f"  {k}", v) for k, v in d["paths"].items()]
+
+
 def cmd_info(args) -> int:
+    if args.hardware:
+        from . import hardware
+
+        d = hardware.describe()
+        if args.json:
+            print(json.dumps(d, indent=2))
+        else:
+            for label, value in _hardware_rows(d):
+                print(f"{label:<34}{value}".rstrip())
+        return 0
     if args.context is not None and args.context <= 0:
         raise ValueError(f"--context must be a positive number of tokens, got {args.context}")
     cfg = _info_config(args.model)
@@ -302,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help=model_help)
     p.add_argument("--context", type=int, help="tokens for the K/V cache size (default: the model's maximum)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    p.add_argument("--hardware", action="store_true",
+                   help="what this CPU can do and which kernel path each product takes (builds the kernels)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("generate", help="complete a prompt, streaming the text")

@@ -15,27 +15,28 @@ back to dequantize + F.linear, which is exact but slower.
 """
 import logging
 import os
-import platform
 import re
 import threading
 import warnings
 
 import torch
 
+from . import hardware
+
 # Weights per scale by default: 4.25 bits per int4 weight (as mlx-lm's default) instead of Q4_0's 4.5 at group
 # 32. E2B's int4 weights: 1.28 -> 1.21 GB, the difference that brings its peak RSS near 1.5 GB; decode is as fast
 # (the kernel's time per weight row is the same); relative RMS error on Gaussian weights 0.083 -> 0.090.
 DEFAULT_GROUP_SIZE = 64
 MAX_KERNEL_ROWS = 16  # decode-sized products (1 token, or a few drafted ones) go to the kernel; prefill to a GEMM
-# bf16 weights: up to 64 rows go to gemv_bf16. The fp32 GEMM path converts each weight block to fp32 first (~1.3
-# ns a weight here), and measured 2-4x slower than the kernel at 16-64 rows and about even at 128 (E2B shapes,
-# 2026-11-23); with the limit at 16, a step of 16 decodes (the engine's default max_seqs) took 4.8 s, not ~1.3.
+# bf16 weights on CPUs that emulate bf16: up to 64 rows go to gemv_bf16. The fp32 GEMM path converts each weight
+# block to fp32 first (~1.3 ns a weight), and measured 2-4x slower than the kernel at 16-64 rows and about even at
+# 128 (E2B shapes); with the limit at 16, a step of 16 decodes (the engine's default max_seqs) took 4.8 s, not ~1.3.
 MAX_BF16_KERNEL_ROWS = 64
+# Where bf16 is native, PyTorch's GEMM (oneDNN, AMX) reads the weight once for any number of rows: from 3 rows on
+# it is as fast as the kernel or faster (benchmarks/bench_kernels.py --rows 1 2 3 4).
+NATIVE_BF16_KERNEL_ROWS = 2
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DEQUANT_SLICE = 1 << 19  # bytes of packed weight dequantized at a time for prefill (-> 4 MB fp32 from int4)
-
-_build = None  # None: not tried yet; True: op registered; str: why it is unavailable
-
 
 def _check_format(bits, group_size):
     if bits not in (4, 8):
@@ -110,15 +111,18 @@ def _round(g, d, lo, hi):
 
 
 def dequantize(qweight, scales, bits, group_size, dtype=torch.float32, out=None):
-    """(qweight, scales) -> W [N, K] in `dtype` (written into `out`, a contiguous fp32 [N, K], if given)."""
+    """(qweight, scales) -> W [N, K] in `dtype` (written into `out`, a contiguous fp32 or bf16 [N, K], if given;
+    bf16 rounds each weight to nearest even)."""
     N, K = _check_weight(qweight, scales, bits, group_size)
-    if out is not None and not (out.dtype == torch.float32 and out.is_contiguous() and out.shape == (N, K)):
-        raise ValueError(f"out must be a contiguous float32 [{N}, {K}] tensor, got {out.dtype} {list(out.shape)}")
+    if out is not None and not (out.dtype in (torch.float32, torch.bfloat16) and out.is_contiguous()
+                                and out.shape == (N, K)):
+        raise ValueError(f"out must be a contiguous float32 or bfloat16 [{N}, {K}] tensor, got {out.dtype} "
+                         f"{list(out.shape)}")
     if qweight.device.type == "cpu" and kernel_available():  # ~10x faster than the PyTorch ops below
         if out is not None:
-            torch.ops.gemma4_kernels.dequant_into(qweight.contiguous(), scales.contiguous(), bits, group_size, out)
+            _ops().dequant_into(qweight.contiguous(), scales.contiguous(), bits, group_size, out)
             return out
-        w = torch.ops.gemma4_kernels.dequant(qweight.contiguous(), scales.contiguous(), bits, group_size)
+        w = _ops().dequant(qweight.contiguous(), scales.contiguous(), bits, group_size)
         return w.to(dtype)
     if out is not None:
         return out.copy_(dequantize(qweight, scales, bits, group_size))
@@ -131,36 +135,85 @@ def dequantize(qweight, scales, bits, group_size, dtype=torch.float32, out=None)
     return w.reshape(N, K).to(dtype)
 
 
-def kernel_available():
-    """True when the C++ kernel is enabled (GEMMA4_NO_KERNELS=1 disables it) and built (on the first call)."""
+def kernel_available(op: str = "qgemv") -> bool:
+    """True when the C++ kernels for this CPU (hardware.isa()) are enabled (GEMMA4_NO_KERNELS=1 disables them),
+    built (on the first call) and include `op` (RMSNorm and decode attention are x86 only)."""
     if os.environ.get("GEMMA4_NO_KERNELS", "") not in ("", "0"):
         return False
-    global _build
-    if _build is None:
-        _build = _load()
-        if _build is not True:
-            warnings.warn(f"gemma4: int4/int8 CPU kernel unavailable ({_build}); quantized layers fall back to "
-                          "dequantize + F.linear, so decoding will be several times slower", RuntimeWarning)
-    return _build is True
+    ns = _resolve()[1]
+    return ns is not None and (op == "qgemv" or hasattr(ns, op))
 
 
-def _load():
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"needs an x86-64 CPU, this is {platform.machine()}"
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return f"needs AVX2, this CPU reports {torch.backends.cpu.get_cpu_capability()}"
+def unavailable_reason() -> str | None:
+    """Why the kernels are not used (None when they are)."""
+    if os.environ.get("GEMMA4_NO_KERNELS", "") not in ("", "0"):
+        return "disabled by GEMMA4_NO_KERNELS"
+    return _resolve()[2]
+
+
+def _ops():
+    """The ops of the build in use: torch.ops.gemma4_<isa>."""
+    return _resolve()[1]
+
+
+def bf16_kernel_rows() -> int:
+    """Up to how many rows a bf16 product goes to gemv_bf16 (see ops.linear)."""
+    return NATIVE_BF16_KERNEL_ROWS if native_bf16() else MAX_BF16_KERNEL_ROWS
+
+
+def native_bf16() -> bool:
+    """hardware.native_bf16(), resolved once (read on every projection, also inside compiled code)."""
+    return _resolve()[3]
+
+
+_current = None  # (isa, its ops or None, why not, native bf16): resolved on first use, reset by hardware.select
+_builds: dict = {}  # isa -> True (ops registered) or why the build failed
+
+
+def _resolve():
+    global _current
+    if _current is None:
+        isa, native = hardware.isa(), hardware.native_bf16()
+        if isa is None:
+            _current = (None, None, f"no kernel build for this CPU ({hardware.cpu().arch}: needs AVX2 or ARM NEON)",
+                        native)
+        else:
+            if isa not in _builds:
+                _builds[isa] = _load(isa)
+                if _builds[isa] is not True:
+                    warnings.warn(f"gemma4: CPU kernels ({isa}) unavailable ({_builds[isa]}); quantized layers fall "
+                                  "back to dequantize + F.linear, so decoding will be several times slower",
+                                  RuntimeWarning)
+            ok = _builds[isa] is True
+            _current = (isa, getattr(torch.ops, f"gemma4_{isa}") if ok else None, None if ok else _builds[isa], native)
+    return _current
+
+
+def reset() -> None:
+    """Forget the resolved build (hardware.select changed the choice)."""
+    global _current
+    _current = None
+
+
+def _load(isa: str):
+    """Build csrc/qgemv.cpp for `isa` (flags from hardware.ISA_FLAGS) and register its ops -> True or why not."""
     from torch.utils import cpp_extension
     # OpenMP: at::parallel_for is a header template that runs serially unless the extension itself is built
     # with OpenMP (it then shares torch's libgomp and its torch.set_num_threads setting).
-    flags = ["/O2", "/arch:AVX2", "/openmp"] if os.name == "nt" else ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+    if os.name == "nt":
+        flags = ["/O2", "/openmp"] + (["/arch:AVX512"] if isa.startswith("avx512") else ["/arch:AVX2"])
+    else:
+        flags = ["-O3", "-fopenmp"] + hardware.ISA_FLAGS[isa]
+    flags.append(f"-DGEMMA4_OPS=gemma4_{isa}")
     log = logging.getLogger("torch.utils.cpp_extension")
     level = log.level
     log.setLevel(logging.ERROR)  # quiet: a failure is summed up in our one warning
     try:
-        # A plain library registering torch.ops.gemma4_kernels.qgemv: no pybind module, faster to compile.
-        # torch caches the build in ~/.cache/torch_extensions and rebuilds only when the source changes.
-        cpp_extension.load("gemma4_qgemv", [os.path.join(os.path.dirname(__file__), "csrc", "qgemv.cpp")],
-                           extra_cflags=flags, extra_ldflags=[] if os.name == "nt" else ["-fopenmp"],
+        # A plain library registering torch.ops.gemma4_<isa>.*: no pybind module, faster to compile.
+        # torch caches the build in ~/.cache/torch_extensions and rebuilds only when the sources change.
+        csrc = os.path.join(os.path.dirname(__file__), "csrc")
+        cpp_extension.load(f"gemma4_kernels_{isa}", [os.path.join(csrc, "qgemv.cpp")], extra_cflags=flags,
+                           extra_ldflags=[] if os.name == "nt" else ["-fopenmp"], extra_include_paths=[csrc],
                            is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, failed build, ...
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
@@ -168,13 +221,14 @@ def _load():
         return f"build failed: {cause[:200]}"
     finally:
         log.setLevel(level)
-    # Shapes for torch.compile, which traces the op without running it (the decode step can be compiled).
-    torch.library.register_fake("gemma4_kernels::qgemv")(
-        lambda x, qweight, scales, bits, group_size: x.new_empty(x.shape[0], qweight.shape[0]))
-    torch.library.register_fake("gemma4_kernels::dequant_into")(lambda qweight, scales, bits, group_size, out: None)
-    torch.library.register_fake("gemma4_kernels::gemv_bf16")(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
-    torch.library.register_fake("gemma4_kernels::rms_norm")(lambda x, weight, eps: torch.empty_like(x))
-    torch.library.register_fake("gemma4_kernels::decode_attention")(lambda q, k, v, mask: torch.empty_like(q))
+    # Shapes for torch.compile, which traces the ops without running them (the decode step can be compiled).
+    ns, fake = f"gemma4_{isa}", torch.library.register_fake
+    fake(f"{ns}::qgemv")(lambda x, qweight, scales, bits, group_size: x.new_empty(x.shape[0], qweight.shape[0]))
+    fake(f"{ns}::dequant_into")(lambda qweight, scales, bits, group_size, out: None)
+    fake(f"{ns}::gemv_bf16")(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
+    if hasattr(getattr(torch.ops, ns), "rms_norm"):
+        fake(f"{ns}::rms_norm")(lambda x, weight, eps: torch.empty_like(x))
+        fake(f"{ns}::decode_attention")(lambda q, k, v, mask: torch.empty_like(q))
     return True
 
 
@@ -188,8 +242,7 @@ def qmatmul(x, qweight, scales, bits, group_size):
             and kernel_available():
         # Takes fp32/bf16/fp16 and answers in the same dtype: a separate cast costs ~5 us per call in Python,
         # noticeable over the ~250 small matmuls of a decode step.
-        out = torch.ops.gemma4_kernels.qgemv(x2.contiguous(), qweight.contiguous(), scales.contiguous(),
-                                             bits, group_size)
+        out = _ops().qgemv(x2.contiguous(), qweight.contiguous(), scales.contiguous(), bits, group_size)
     else:
         out = _dequant_matmul(x2, qweight, scales, bits, group_size).to(x.dtype)
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], N)
@@ -198,56 +251,59 @@ def qmatmul(x, qweight, scales, bits, group_size):
 def gemv_bf16(x, w):
     """x [..., K] bf16 @ w [N, K].T (bf16, CPU, kernel available: see `model.text.matmul`) -> [..., N] bf16."""
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    out = torch.ops.gemma4_kernels.gemv_bf16(x2, w.contiguous())
+    out = _ops().gemv_bf16(x2, w.contiguous())
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], w.shape[0])
 
 
 def rms_norm(x, weight, eps):
     """Gemma's RMSNorm over the last dim of x (fp32/bf16 CPU; see `model.text.RMSNorm`) in one op."""
-    return torch.ops.gemma4_kernels.rms_norm(x.contiguous(), weight, eps)
+    return _ops().rms_norm(x.contiguous(), weight, eps)
 
 
 def decode_attention(q, k, v, mask):
     """softmax(q k^T masked) v without a 1/sqrt(D) scale, q [B, H, T, D] over k, v [B, K, S, D] (fp32/bf16 CPU,
     last dim contiguous) with mask [B, 1, T, S]; fp32 inside, out in q's dtype (see `model.text`). A row that
     sees no key gets zeros."""
-    return torch.ops.gemma4_kernels.decode_attention(q, k, v, mask)
+    return _ops().decode_attention(q, k, v, mask)
 
 
 def _dequant_matmul(x2, qweight, scales, bits, group_size):
-    # Prefill (many rows) is compute bound: an fp32 GEMM is ~7x faster than bf16 (emulated on AVX2 CPUs).
-    # The weight is dequantized in slices of ~4 MB: a whole fp32 copy of a large weight is a fresh mmap each
-    # call, whose page faults alone cost more than the dequantization (17 ms for [6144, 1536]).
-    # Also the fallback when the kernel is unavailable.
+    # Prefill (many rows) is compute bound: it runs as GEMMs over slices of the weight dequantized to bf16 where
+    # the CPU multiplies bf16 natively (hardware.native_bf16), else to fp32 (bf16 is emulated: ~7x slower).
+    # Slices of ~2-4 MB: a whole copy of a large weight is a fresh mmap each call, whose page faults alone cost
+    # more than the dequantization (17 ms for [6144, 1536]). Also the fallback when the kernel is unavailable.
     N, K = _check_weight(qweight, scales, bits, group_size)
     rows = min(N, max(1, _DEQUANT_SLICE // qweight.shape[1]))
-    return blocked_product(x2.float(), N, rows, lambda buf, n: dequantize(
+    x = x2 if x2.dtype == torch.bfloat16 and native_bf16() else x2.float()
+    return blocked_product(x, N, rows, lambda buf, n: dequantize(
         qweight[n:n + len(buf)], scales[n:n + len(buf)], bits, group_size, out=buf))
 
 
-def blocked_product(x32, N, rows, fill, dtype=torch.float32):
-    """x32 [M, K] fp32 @ W.T -> [M, N] in `dtype`, for prefill's fp32 GEMMs over bf16 or quantized weights:
-    W [N, K] is made `rows` rows at a time by fill(buf, n), which writes W[n:n + len(buf)] as fp32 into buf
-    and returns it. The weight block and its product live in buffers kept for reuse (`scratch`)."""
-    M, K = x32.shape
-    w, product = scratch("weights", rows * K).view(rows, K), scratch("product", M * rows)
-    out = x32.new_empty(M, N, dtype=dtype)
+def blocked_product(x, N, rows, fill, dtype=None):
+    """x [M, K] (fp32, or bf16 on CPUs with native bf16) @ W.T -> [M, N] in `dtype` (default x's), for prefill's
+    GEMMs over bf16 or quantized weights: W [N, K] is made `rows` rows at a time by fill(buf, n), which writes
+    W[n:n + len(buf)] in x's dtype into buf and returns it. The weight block and its product live in buffers
+    kept for reuse (`scratch`)."""
+    M, K = x.shape
+    w, product = scratch("weights", rows * K, x.dtype).view(rows, K), scratch("product", M * rows, x.dtype)
+    out = x.new_empty(M, N, dtype=dtype or x.dtype)
     for n in range(0, N, rows):
         r = min(rows, N - n)
-        out[:, n:n + r] = torch.mm(x32, fill(w[:r], n).t(), out=product[:M * r].view(M, r))
+        out[:, n:n + r] = torch.mm(x, fill(w[:r], n).t(), out=product[:M * r].view(M, r))
     return out
 
 
-_scratch = threading.local()  # per thread: fp32 buffers of the prefill products, reused across calls
+_scratch = threading.local()  # per thread: buffers of the prefill products, reused across calls
 
 
-def scratch(name: str, n: int) -> torch.Tensor:
-    """n fp32 elements of a per-thread buffer kept for reuse (grown when too small): prefill's fp32 weight
-    slices, inputs and products. Fresh ones each call were ~1 GB of new pages per 512-token E2B prefill,
-    whose page faults cost 5-10% of it (gemma4.memory.unpool_large_buffers maps every large buffer anew)."""
-    buf = getattr(_scratch, name, None)
+def scratch(name: str, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """n elements of a per-thread buffer kept for reuse (grown when too small): prefill's weight slices, inputs
+    and products. Fresh ones each call were ~1 GB of new pages per 512-token E2B prefill, whose page faults
+    cost 5-10% of it (gemma4.memory.unpool_large_buffers maps every large buffer anew)."""
+    key = f"{name}_{str(dtype).removeprefix('torch.')}"
+    buf = getattr(_scratch, key, None)
     if buf is None or buf.numel() < n:
         with torch.inference_mode(False):  # an inference tensor could not be written outside inference mode
-            buf = torch.empty(n, dtype=torch.float32)
-        setattr(_scratch, name, buf)
+            buf = torch.empty(n, dtype=dtype)
+        setattr(_scratch, key, buf)
     return buf[:n]

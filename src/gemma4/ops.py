@@ -1,6 +1,8 @@
 """Device and CPU-feature dispatch for the model's three hot operations: projections (`linear`), RMSNorm
 (`rms_norm`) and attention (`attention`). Model code calls these and reads as the architecture; which kernel
-runs (our C++ kernels on a CPU, a blocked fp32 GEMM, or plain PyTorch) is decided here only.
+runs (our C++ kernels on a CPU, built for its instruction set; PyTorch's bf16 GEMM where the CPU has native bf16;
+a blocked fp32 GEMM where bf16 is emulated; or plain PyTorch) is decided here only, from the features
+gemma4.hardware detected.
 
 Every choice keeps the reference's numbers: products sum in fp32 and round once to the activation dtype.
 Our kernels have no backward: `needs_autograd` routes anything autograd must see to PyTorch.
@@ -23,16 +25,20 @@ def needs_autograd(*tensors) -> bool:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x @ w.T. On a CPU, bf16 products avoid PyTorch's bf16 GEMM, which most CPUs emulate (6x slower than
-    fp32 here; 8 rows cost 7x one row): up to 64 rows (decode steps, short prompt chunks) go to our kernel,
-    which reads the bf16 weights once for all of them; more rows run as fp32 GEMMs (`_fp32_product`)."""
+    """x @ w.T. On a CPU, bf16 products take the path the CPU is fast at (hardware.py chooses):
+      - a few rows (decode steps) go to our kernel, which reads the bf16 weights once for all of them: up to 64
+        rows where bf16 arithmetic is emulated (PyTorch's bf16 GEMM there is ~6x slower than fp32, and 8 rows
+        cost it 7x one row), up to 2 where the CPU multiplies bf16 natively (oneDNN's GEMM then reads the
+        weight once for any number of rows, at the same speed from 3 rows on: benchmarks/bench_kernels.py);
+      - more rows: PyTorch's bf16 GEMM where bf16 is native (AMX / AVX-512 BF16), else fp32 GEMMs over
+        blocks of the weight converted to fp32 (`_fp32_product`)."""
     if x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel():
         rows = x.numel() // x.shape[-1]
         if needs_autograd(x, w):
             return F.linear(x.float(), w.float()).to(x.dtype)
-        if rows <= kernels.MAX_BF16_KERNEL_ROWS and w.dim() == 2 and kernels.kernel_available():
+        if rows <= kernels.bf16_kernel_rows() and w.dim() == 2 and kernels.kernel_available():
             return kernels.gemv_bf16(x, w)
-        if rows >= 16:
+        if rows >= 16 and not kernels.native_bf16():
             return _fp32_product(x, w)
     return F.linear(x, w)
 
@@ -66,7 +72,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     ~250 norms). Compiled code fuses F.rms_norm itself."""
     if x.device.type == "cpu" and x.dtype in _KERNEL_FLOATS and (weight is None or weight.dtype in _KERNEL_FLOATS) \
             and not needs_autograd(x, weight) and not torch.compiler.is_compiling() \
-            and kernels.kernel_available():
+            and kernels.kernel_available("rms_norm"):
         return kernels.rms_norm(x, weight, eps)
     return F.rms_norm(x, x.shape[-1:], weight, eps)
 
@@ -86,7 +92,7 @@ def small_query_attention(q, k, v, mask):
     B, H, T, D = q.shape
     K, out_dtype = k.shape[1], q.dtype
     if q.device.type == "cpu" and all(t.dtype in _KERNEL_FLOATS for t in (q, k, v)) and not needs_autograd(q, k, v) \
-            and D % 8 == 0 and k.stride(-1) == 1 and v.stride(-1) == 1 and kernels.kernel_available():
+            and D % 8 == 0 and k.stride(-1) == 1 and v.stride(-1) == 1 and kernels.kernel_available("decode_attention"):
         return kernels.decode_attention(q, k, v, mask)
     # (a GPU has native bf16: upcasting there only adds copies and fp32 GEMMs, 1 ms of a 6 ms E2B step)
     dtype = torch.promote_types(q.dtype, torch.float32) if q.device.type == "cpu" else q.dtype
