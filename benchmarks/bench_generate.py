@@ -3,6 +3,7 @@
     python benchmarks/bench_generate.py                      # full-size random E2B (text), made if missing
     python benchmarks/bench_generate.py --checkpoint DIR --prompt-len 512 --long-prompt 2048 --steps 32
     python benchmarks/bench_generate.py --quantize "" --skip-reference --baseline /tmp/old  # vs another commit
+    python benchmarks/bench_generate.py --no-compile --quantize int4 --llama-cpp /tmp/llama/.../vendor/llama.cpp
 
 Each engine runs in its own process (clean peak RSS), one after the other. Prints a table: load time (with a
 first 8-token call, which pages in weights that both engines map from the file: the page cache is warm for
@@ -11,6 +12,11 @@ prefill tok/s, decode tok/s (median step), peak RSS, K/V cache bytes; the decode
 weight format (bytes a decode step reads / the read speed of the engine's own matrix-vector kernels over
 those weights) and our fraction of it; our prefill GFLOP/s next to the machine's fp32 matmul peak.
 Needs transformers (the reference) and, to make the checkpoint, about 10 GB of disk.
+
+--llama-cpp DIR adds llama.cpp's rows (BF16, Q8_0, Q4_0): DIR is a llama.cpp source tree with llama-bench and
+llama-quantize built (../shared/tools/llama_cpp.sh build makes one from the llama-cpp-python sdist); the
+checkpoint is converted once by that tree's own convert_hf_to_gguf.py (GGUFs kept in CHECKPOINT-gguf/) and
+measured by `llama-bench -t THREADS -p PROMPT_LEN -n STEPS`.
 """
 from __future__ import annotations
 
@@ -218,6 +224,54 @@ def run_worker(kind: str, args, checkpoint: str, compile: bool = False, long_pro
     return result
 
 
+def llama_cpp_rows(tree: str, checkpoint: str, args) -> list[dict]:
+    """llama.cpp on the same weights, converted by its own converter: one row per GGUF type."""
+    import shutil
+    import tempfile
+
+    bench, quantize = (os.path.join(tree, "build", "bin", b) for b in ("llama-bench", "llama-quantize"))
+    if not (os.access(bench, os.X_OK) and os.access(quantize, os.X_OK)):
+        raise SystemExit(f"--llama-cpp {tree}: no build/bin/llama-bench and llama-quantize there "
+                         "(../shared/tools/llama_cpp.sh build)")
+    out_dir = checkpoint.rstrip("/") + "-gguf"
+    os.makedirs(out_dir, exist_ok=True)
+    bf16 = os.path.join(out_dir, "model-bf16.gguf")
+    if not os.path.isfile(bf16):
+        with tempfile.TemporaryDirectory() as hf:  # the checkpoint + tokenizer.json, which the converter needs
+            for name in os.listdir(checkpoint):
+                os.symlink(os.path.abspath(os.path.join(checkpoint, name)), os.path.join(hf, name))
+            if not os.path.exists(os.path.join(hf, "tokenizer.json")):
+                import gzip
+
+                import gemma4
+                src = os.path.join(os.path.dirname(gemma4.__file__), "data", "tokenizer.json.gz")
+                with gzip.open(src) as f, open(os.path.join(hf, "tokenizer.json"), "wb") as g:
+                    shutil.copyfileobj(f, g)
+            print(f"converting {checkpoint} with llama.cpp's converter -> {bf16}", file=sys.stderr)
+            subprocess.run([sys.executable, os.path.join(tree, "convert_hf_to_gguf.py"), hf, "--outtype", "bf16",
+                            "--outfile", bf16], check=True, capture_output=True,
+                           env={**os.environ, "PYTHONPATH": os.path.join(tree, "gguf-py")})
+    rows = []
+    for kind in ("BF16", "Q8_0", "Q4_0"):
+        path = bf16 if kind == "BF16" else os.path.join(out_dir, f"model-{kind.lower()}.gguf")
+        if not os.path.isfile(path):
+            subprocess.run([quantize, bf16, path, kind, str(args.threads)], check=True, capture_output=True)
+        cmd = [bench, "-m", path, "-t", str(args.threads), "-p", str(args.prompt_len), "-n", str(args.steps),
+               "-r", "2", "-o", "json"]
+        out, note = subprocess.run(cmd, capture_output=True, text=True), ""
+        if out.returncode:  # a GGML_NATIVE build on a VM may die in its AMX / repacked weight path: without it
+            print(f"llama-bench failed on {kind} (exit {out.returncode}); again with --repack 0", file=sys.stderr)
+            out, note = subprocess.run(cmd + ["--repack", "0"], capture_output=True, text=True), " (--repack 0)"
+        if out.returncode:
+            print(f"llama-bench failed on {kind} (exit {out.returncode}): {out.stderr[-500:]}", file=sys.stderr)
+            continue
+        runs = json.loads(out.stdout)
+        rows.append(dict(engine=f"llama.cpp {kind}{note}",
+                         prefill_tok_s=next(r["avg_ts"] for r in runs if r["n_prompt"] and not r["n_gen"]),
+                         decode_tok_s=next(r["avg_ts"] for r in runs if r["n_gen"] and not r["n_prompt"])))
+    return rows
+
+
 def quantized_copy(checkpoint: str, bits: str) -> str:
     """The checkpoint quantized with the default format (made again if an older copy has another group size)."""
     from gemma4.kernels import DEFAULT_GROUP_SIZE
@@ -248,6 +302,7 @@ def main():
                          "right after ours")
     ap.add_argument("--rounds", type=int, default=1, help="with --baseline: alternate this many times, keep the "
                                                           "best decode of each")
+    ap.add_argument("--llama-cpp", metavar="DIR", help="also run llama.cpp (a built source tree) on the same weights")
     ap.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -274,17 +329,23 @@ def main():
             rows.append(run_worker("ours", args, path, compile=True))
     if not args.skip_reference:
         rows.append(run_worker("reference", args, args.checkpoint))
+    if args.llama_cpp:
+        rows += llama_cpp_rows(args.llama_cpp, args.checkpoint, args)
+
+    from gemma4 import hardware
 
     print(f"\nE2B text, random weights, {args.threads} threads, prompt {args.prompt_len} tokens, "
-          f"{args.steps} decode steps (median)\n")
+          f"{args.steps} decode steps (median); CPU: {hardware.cpu().name} (kernels {hardware.isa()}, bf16 GEMM "
+          f"{'native' if hardware.native_bf16() else 'emulated: fp32 blocks'})\n")
     head = ("engine", "load s", f"prefill tok/s ({args.prompt_len})", f"prefill tok/s ({args.long_prompt})",
             "decode tok/s", "peak RSS GB", f"peak RSS GB (+{args.long_prompt})", "KV MB")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
-        cells = (r["engine"], f"{r['load_s']:.1f}", f"{r['prefill_tok_s']:.1f}",
+        cells = (r["engine"], f"{r['load_s']:.1f}" if "load_s" in r else "-", f"{r['prefill_tok_s']:.1f}",
                  f"{r['prefill_tok_s_long']:.1f}" if "prefill_tok_s_long" in r else "-",
-                 f"{r['decode_tok_s']:.2f}", f"{r['rss_gb']:.3f}",
-                 f"{r['rss_gb_long']:.3f}" if "prefill_tok_s_long" in r else "-", f"{r['kv_bytes'] / 1e6:.1f}")
+                 f"{r['decode_tok_s']:.2f}", f"{r['rss_gb']:.3f}" if "rss_gb" in r else "-",
+                 f"{r['rss_gb_long']:.3f}" if "prefill_tok_s_long" in r else "-",
+                 f"{r['kv_bytes'] / 1e6:.1f}" if "kv_bytes" in r else "-")
         print("| " + " | ".join(cells) + " |")
     print("\n| weights | bytes read per decode step | kernel read speed | decode limit tok/s | ours | fraction |"
           "\n|---|---|---|---|---|---|")

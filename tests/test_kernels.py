@@ -120,7 +120,7 @@ def test_fallback_is_exact(bits, monkeypatch):
     fp32 rounding."""
     monkeypatch.setenv("GEMMA4_NO_KERNELS", "1")
     monkeypatch.setattr(hardware, "_chosen", {"native_bf16": False})
-    monkeypatch.setattr(kernels, "_current", None)
+    monkeypatch.setattr(kernels, "_native", None)
     assert not kernels.kernel_available()
     q, s = quantize(torch.randn(300, 1536), bits, 64)
     wd = dequantize(q, s, bits, 64)
@@ -246,7 +246,7 @@ def test_bf16_matmul_routes_decode_rows_to_the_kernel(kernel, monkeypatch):
     from gemma4.ops import linear as matmul
 
     monkeypatch.setattr(hardware, "_chosen", {"native_bf16": False})  # bf16 emulated; restored after the test
-    monkeypatch.setattr(kernels, "_current", None)
+    monkeypatch.setattr(kernels, "_native", None)
 
     w, calls = torch.randn(64, 128).bfloat16(), []
     real = kernels.gemv_bf16
@@ -264,7 +264,7 @@ def test_bf16_matmul_routes_decode_rows_to_the_kernel(kernel, monkeypatch):
     out.float().sum().backward()
     assert len(calls) == 5 and torch.allclose(x.grad.float(), w.float().sum(0).expand(2, -1), rtol=2 ** -7)
     hardware._chosen["native_bf16"] = True  # bf16 GEMM native: the kernel takes 1-2 rows, PyTorch's GEMM the rest
-    kernels.reset()
+    kernels._native = None
     calls.clear()
     for shape in [(1, 1, 128), (2, 128), (3, 128), (4, 16, 128)]:
         matmul(torch.randn(shape).bfloat16(), w)

@@ -59,7 +59,7 @@ class CPU:
         return self.onednn_bf16 and any(f in self.features for f in _BF16_FEATURES)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu() -> CPU:
     """This machine's CPU (detected once)."""
     name, features = platform.processor() or "", set()
@@ -92,7 +92,8 @@ def parse_cpuinfo(text: str, name: str = "") -> tuple[str, set]:
 
 def _sysctl(key: str) -> str:
     try:
-        return subprocess.run(["sysctl", "-n", key], capture_output=True, text=True, timeout=5).stdout.strip()
+        return subprocess.run(["sysctl", "-n", key], capture_output=True, text=True, timeout=5,
+                              check=False).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -158,10 +159,10 @@ def describe() -> dict:
         "features": shown, "torch_capability": c.torch_capability, "onednn_bf16": c.onednn_bf16,
         "kernel_isas": c.isas(), "kernel_isa": chosen, "kernels": "built" if built else why,
         "paths": {
-            "bf16 decode (<= %d rows)" % kernels.bf16_kernel_rows():
+            f"bf16 decode (<= {kernels.bf16_kernel_rows()} rows)":
                 f"gemma4 kernel ({chosen})" if built else "PyTorch F.linear",
             "bf16 prefill": "PyTorch bf16 GEMM (native: oneDNN)" if bf16 else "fp32 GEMM over bf16 weight blocks",
-            "int4/int8 decode (<= %d rows)" % kernels.MAX_KERNEL_ROWS:
+            f"int4/int8 decode (<= {kernels.MAX_KERNEL_ROWS} rows)":
                 f"gemma4 kernel ({chosen})" if built else "dequantize + F.linear",
             "int4/int8 prefill": "dequantize to bf16 blocks + bf16 GEMM" if bf16
                 else "dequantize to fp32 blocks + fp32 GEMM",

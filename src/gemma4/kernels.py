@@ -8,10 +8,11 @@ Format (group-wise, symmetric, along K = the input dim), for a weight W [N, K]:
                                           order), so the kernel unpacks 32 weights with one AND and one shift.
   W[n, k] ~= scales[n, k // group_size] * q[n, k]
 
-Why our own kernel: on the 2-core AVX2 CPUs we target, PyTorch's packed int8/int4 kernels stream weights at
-~11 and ~3 GB/s, below a plain bf16 F.linear (~18 GB/s), while a decode step is purely weight-bandwidth bound.
-csrc/qgemv.cpp (llama.cpp's Q4_0 x Q8_0 scheme) is compiled on first use; without a compiler or AVX2 we fall
-back to dequantize + F.linear, which is exact but slower.
+Why our own kernel: on 2-core laptop-class CPUs, PyTorch's packed int8/int4 kernels stream weights at ~11 and
+~3 GB/s, below a plain bf16 F.linear (~18 GB/s), while a decode step is purely weight-bandwidth bound.
+csrc/ (llama.cpp's Q4_0 x Q8_0 scheme) is compiled on first use for the best instruction set this CPU has
+(gemma4.hardware: AVX2, AVX-512 VNNI / BF16, ARM NEON / dotprod); without a compiler or any of those we fall
+back to dequantize + F.linear, which is exact but slower, and say so once.
 """
 import logging
 import os
@@ -163,20 +164,23 @@ def bf16_kernel_rows() -> int:
 
 def native_bf16() -> bool:
     """hardware.native_bf16(), resolved once (read on every projection, also inside compiled code)."""
-    return _resolve()[3]
+    global _native
+    if _native is None:
+        _native = hardware.native_bf16()
+    return _native
 
 
-_current = None  # (isa, its ops or None, why not, native bf16): resolved on first use, reset by hardware.select
+_native = None
+_current = None  # (isa, its ops or None, why not): resolved on first use, reset by hardware.select
 _builds: dict = {}  # isa -> True (ops registered) or why the build failed
 
 
 def _resolve():
     global _current
     if _current is None:
-        isa, native = hardware.isa(), hardware.native_bf16()
+        isa = hardware.isa()
         if isa is None:
-            _current = (None, None, f"no kernel build for this CPU ({hardware.cpu().arch}: needs AVX2 or ARM NEON)",
-                        native)
+            _current = (None, None, f"no kernel build for this CPU ({hardware.cpu().arch}: needs AVX2 or ARM NEON)")
         else:
             if isa not in _builds:
                 _builds[isa] = _load(isa)
@@ -185,14 +189,14 @@ def _resolve():
                                   "back to dequantize + F.linear, so decoding will be several times slower",
                                   RuntimeWarning)
             ok = _builds[isa] is True
-            _current = (isa, getattr(torch.ops, f"gemma4_{isa}") if ok else None, None if ok else _builds[isa], native)
+            _current = (isa, getattr(torch.ops, f"gemma4_{isa}") if ok else None, None if ok else _builds[isa])
     return _current
 
 
 def reset() -> None:
-    """Forget the resolved build (hardware.select changed the choice)."""
-    global _current
-    _current = None
+    """Forget the resolved build and bf16 GEMM (hardware.select changed the choice)."""
+    global _current, _native
+    _current = _native = None
 
 
 def _load(isa: str):

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from . import kernels
 from .config import ModelConfig, load_config
 from .kernels import DEFAULT_GROUP_SIZE
 from .model import Gemma4, empty_model
@@ -126,11 +127,14 @@ def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None 
     config = load_config(ckpt)
     device = resolve_device(device)
     saved_quant = _saved_quantization(ckpt)
-    if dtype is None and device.type == "cpu" and (quantize is not None or saved_quant):
+    if dtype is None and device.type == "cpu" and (quantize is not None or saved_quant) \
+            and not kernels.native_bf16():
         # A quantized model's float tensors are only norms and scalars (the PLE table keeps its own dtype),
-        # and its kernels take fp32 activations at the speed of bf16 ones; a CPU emulates bf16 elementwise
-        # ops. E2B int4 decode: 9.4 -> 10.6 tok/s eager, 8 -> 15 tok/s compiled (torch.compile's bf16 CPU code
-        # is slow). The K/V cache follows the activations (fp32: twice the bytes per token).
+        # and its kernels take fp32 activations at the speed of bf16 ones; a CPU without native bf16 emulates
+        # bf16 GEMMs (prefill) and elementwise ops. E2B int4 decode: 9.4 -> 10.6 tok/s eager, 8 -> 15 tok/s
+        # compiled (torch.compile's bf16 CPU code is slow). The K/V cache follows the activations (fp32: twice
+        # the bytes per token). Where bf16 is native, bf16 activations make prefill a bf16 GEMM over weights
+        # dequantized to bf16 (README "CPU paths").
         dtype = torch.float32
     dtype = resolve_dtype(dtype, config)
     if quantize is not None and saved_quant:
