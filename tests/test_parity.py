@@ -108,13 +108,24 @@ def test_config_layouts_and_unused_kv_give_same_logits(ckpt, shape):
     assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])
 
 
-@pytest.mark.parametrize("route", ["kernel", "fp32", "fp32 chunked"])
+def force_bf16_gemm(monkeypatch, native: bool) -> None:
+    """Take the emulated-bf16 routes (kernel up to 64 rows, fp32 blocks beyond) or the native one (PyTorch's bf16
+    GEMM from 3 rows) on any CPU: each is correct everywhere, only its speed depends on the CPU."""
+    from gemma4 import hardware, kernels
+
+    monkeypatch.setattr(hardware, "_chosen", {"native_bf16": native})
+    monkeypatch.setattr(kernels, "_native", None)
+
+
+@pytest.mark.parametrize("route", ["kernel", "fp32", "fp32 chunked", "native"])
 def test_bf16_close_to_reference(ckpt, monkeypatch, route):
-    """A bf16 prefill against the reference's. 21 tokens go to our kernel (up to 64 rows), 80 to the fp32
-    GEMM; chunked: that GEMM in 64-column input chunks and 64-row weight blocks, as E2B's 6144-wide down
-    projection runs (the tiny model's widths are below the 2048-column chunk)."""
+    """A bf16 prefill against the reference's. Where bf16 is emulated, 21 tokens go to our kernel (up to 64
+    rows), 80 to the fp32 GEMM; chunked: that GEMM in 64-column input chunks and 64-row weight blocks, as E2B's
+    6144-wide down projection runs (the tiny model's widths are below the 2048-column chunk). Native: 80 tokens
+    through PyTorch's bf16 GEMM."""
     from gemma4 import kernels, ops
 
+    force_bf16_gemm(monkeypatch, route == "native")
     real, calls = ops._fp32_product, []
     options = dict(depth=64, block_bytes=64 * 4 * 64) if route == "fp32 chunked" else {}
     monkeypatch.setattr(ops, "_fp32_product", lambda x, w: calls.append(len(x)) or real(x, w, **options))
@@ -127,19 +138,21 @@ def test_bf16_close_to_reference(ckpt, monkeypatch, route):
     assert (ours - theirs).abs().max().item() <= 0.02 * theirs.abs().max().item()
     assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item() >= 0.95
     if kernels.kernel_available():  # the route taken is the one named
-        assert (not calls) == (route == "kernel")
+        assert (not calls) == (route in ("kernel", "native"))
 
 
-@pytest.mark.parametrize("batch,length", [(1, PROMPT_LEN), (5, PROMPT_LEN), (16, PROMPT_LEN), (1, 80)])
-def test_bf16_decode_matches_reference(ckpt, monkeypatch, batch, length):
+@pytest.mark.parametrize("batch,length,native", [(1, PROMPT_LEN, False), (5, PROMPT_LEN, False),
+                                                  (16, PROMPT_LEN, False), (1, 80, False), (5, PROMPT_LEN, True)])
+def test_bf16_decode_matches_reference(ckpt, monkeypatch, batch, length, native):
     """bf16 decode steps against the reference's bf16 decode: each step's logits close, the greedy tokens
-    identical. On a CPU every step goes to our bf16 kernel: one row (bf16 x), or 5 or 16 sequences at once (x
-    widened to fp32 in tiles of 2-4 rows over pairs of weight rows; 16 rows went to the fp32 GEMM before).
-    The prefill: 21 rows through the kernel, 80 (or 16 x 21) through the fp32 GEMM."""
+    identical. Where bf16 is emulated every step goes to our bf16 kernel: one row (bf16 x), or 5 or 16
+    sequences at once (x widened to fp32 in tiles of 2-4 rows over pairs of weight rows); the prefill: 21 rows
+    through the kernel, 80 (or 16 x 21) through the fp32 GEMM. Native: 5 rows through PyTorch's bf16 GEMM."""
     from oracle import ContiguousCache, step_logits
 
     from gemma4 import kernels
 
+    force_bf16_gemm(monkeypatch, native)
     path, ref = ckpt("e2b", tame=True)
     ref_bf16 = type(ref).from_pretrained(path, dtype=torch.bfloat16).eval()
     model = gemma4.load(path, dtype="bfloat16", device="cpu")
@@ -162,7 +175,7 @@ def test_bf16_decode_matches_reference(ckpt, monkeypatch, batch, length):
         tokens.append(logits.argmax(-1))
         x, positions, pos = tokens[-1][:, None], torch.full((batch, 1), pos), pos + 1
     assert torch.stack(tokens, 1).tolist() == want.sequences[:, ids.shape[1]:].tolist()
-    assert not kernels.kernel_available() or batch in rows
+    assert not kernels.kernel_available() or (batch in rows) != native
 
 
 def test_sharded_checkpoint_with_media_towers(ckpt):

@@ -86,12 +86,18 @@ def test_bad_quantization_requests(ckpt, tmp_path):
         gemma4.load(other)
 
 
-def test_quantized_cpu_model_computes_in_fp32(ckpt, tmp_path):
-    """A bf16 checkpoint quantized (at load, or saved so) on a CPU: fp32 activations by default (the kernels
-    take them at the same speed; a CPU emulates bf16), the PLE table left in its stored dtype, scales fp16;
-    an explicit dtype wins."""
+@pytest.mark.parametrize("native", [False, True], ids=["emulated-bf16", "native-bf16"])
+def test_quantized_cpu_model_computes_in_fp32(ckpt, tmp_path, monkeypatch, native):
+    """A bf16 checkpoint quantized (at load, or saved so) on a CPU: fp32 activations by default where bf16 is
+    emulated (the kernels take them at the same speed), bf16 where it is native (prefill's GEMM is then bf16);
+    the PLE table left in its stored dtype, scales fp16; an explicit dtype wins."""
     import shutil
 
+    from gemma4 import hardware, kernels
+
+    monkeypatch.setattr(hardware, "_chosen", {"native_bf16": native})
+    monkeypatch.setattr(kernels, "_native", None)
+    want = torch.bfloat16 if native else torch.float32
     from safetensors.torch import load_file, save_file
 
     src, _ = ckpt("e2b", tame=True, text_only=True)
@@ -110,14 +116,14 @@ def test_quantized_cpu_model_computes_in_fp32(ckpt, tmp_path):
     gemma4.LLM(bf16, device="cpu", quantize="int4").save_quantized(saved)
     for model in (gemma4.load(bf16, device="cpu", quantize="int4"), gemma4.load(saved, device="cpu")):
         text = model.language_model
-        assert model.dtype == torch.float32 and text.norm.weight.dtype == torch.float32
+        assert model.dtype == want and text.norm.weight.dtype == want
         assert cache_dtype(model) == torch.bfloat16  # K/V stored in bf16, as llama.cpp keeps f16 K/V
         assert text.embed_tokens_per_layer.weight.dtype == torch.bfloat16
         assert text.layers[0].mlp.up_proj.scales.dtype == torch.float16
         assert text.embed_tokens.scales.dtype == torch.float16
         ids = torch.randint(3, 512, (1, 9), generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
-            assert model(ids).dtype == torch.float32
+            assert model(ids).dtype == want
     assert gemma4.load(bf16, device="cpu").dtype == torch.bfloat16  # float: the checkpoint's dtype
     assert cache_dtype(gemma4.load(src, device="cpu")) == torch.float32  # unquantized: K/V in the model's dtype
     explicit = gemma4.load(bf16, device="cpu", quantize="int4", dtype="bfloat16")

@@ -338,6 +338,17 @@ inline __m256 odd_bf16(__m256i v) {
   return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
+// out[j * MR + r] = the sum of every lane of acc[.][j][r] (the accumulator sets of NW weight rows x R rows)
+template <int NA, int NW, int R>
+inline void sum_lanes(const __m256 (&acc)[NA][NW][R], float* out) {
+  for (int j = 0; j < NW; ++j)
+    for (int r = 0; r < R; ++r) {
+      __m256 v = acc[0][j][r];
+      for (int u = 1; u < NA; ++u) v = _mm256_add_ps(v, acc[u][j][r]);
+      out[j * MR + r] = hsum(v);
+    }
+}
+
 template <int NW, int R, typename X>
 void dot_bf16(const uint16_t* w, const X* x, int64_t K, float* out, int ahead) {
   constexpr bool kF32 = std::is_same_v<X, float>;
@@ -385,12 +396,7 @@ void dot_bf16(const uint16_t* w, const X* x, int64_t K, float* out, int ahead) {
     chunk(c + 1, 2);
   }
   if (c < nc) chunk(c, 0);
-  for (int j = 0; j < NW; ++j)
-    for (int r = 0; r < R; ++r) {
-      __m256 v = acc[0][j][r];
-      for (int u = 1; u < NA; ++u) v = _mm256_add_ps(v, acc[u][j][r]);
-      out[j * MR + r] = hsum(v);
-    }
+  sum_lanes(acc, out);
   const int64_t tail = K - nc * 16;
   for (int64_t k = 0; k < tail; ++k)  // K not a multiple of 16 (no Gemma 4 width): x's tail is [R][K % 16]
     for (int j = 0; j < NW; ++j)
@@ -439,12 +445,7 @@ void dot_bf16_dp(const uint16_t* w, const uint16_t* x, int64_t K, float* out, in
     chunk(c + 3, 3);
   }
   for (; c < nc; ++c) chunk(c, 0);
-  for (int j = 0; j < NW; ++j)
-    for (int r = 0; r < R; ++r) {
-      __m256 v = acc[0][j][r];
-      for (int u = 1; u < NA; ++u) v = _mm256_add_ps(v, acc[u][j][r]);
-      out[j * MR + r] = hsum(v);
-    }
+  sum_lanes(acc, out);
   const int64_t tail = K - nc * 16;
   for (int64_t k = 0; k < tail; ++k)
     for (int j = 0; j < NW; ++j)
