@@ -8,9 +8,10 @@
 Each engine runs in its own process (clean peak RSS), one after the other. Prints a table: load time (with a
 first 8-token call, which pages in weights that both engines map from the file: the page cache is warm for
 whichever runs second: a cold 512-token prefill ran at 38 tok/s, the 2,048-token one after it at 108),
-prefill tok/s, decode tok/s (median step), peak RSS, K/V cache bytes; the decode bandwidth limit of each
-weight format (bytes a decode step reads / the read speed of the engine's own matrix-vector kernels over
-those weights) and our fraction of it; our prefill GFLOP/s next to the machine's fp32 matmul peak.
+prefill tok/s (the best of two distinct prompts), decode tok/s (median step), peak RSS, K/V cache bytes; the
+decode bandwidth limit of each weight format (bytes a decode step reads / the read speed of the engine's own
+matrix-vector kernels over those weights) and our fraction of it; our prefill GFLOP/s next to the machine's fp32
+matmul peak.
 Needs transformers (the reference) and, to make the checkpoint, about 10 GB of disk.
 
 --llama-cpp DIR adds llama.cpp's rows (BF16, Q8_0, Q4_0): DIR is a llama.cpp source tree with llama-bench and
@@ -34,8 +35,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 E2B_CONFIG = os.path.join(HERE, "..", "tests", "data", "configs", "gemma-4-e2b", "config.json")
 
 
-def prompt_ids(n: int) -> list[int]:
-    return torch.randint(3, 262144, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+def prompt_ids(n: int, seed: int = 0) -> list[int]:
+    return torch.randint(3, 262144, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def peak_rss_gb() -> float:
@@ -73,9 +74,11 @@ def worker_reference(args) -> dict:
     ids = torch.tensor([prompt_ids(args.prompt_len)])
     steps = []
     with torch.no_grad():
-        t = time.perf_counter()
+        t = time.perf_counter()  # prefill: the best of two prompts (the first call of a size is slower)
+        model(input_ids=torch.tensor([prompt_ids(args.prompt_len, seed=1)]), use_cache=True, logits_to_keep=1)
+        first, t = time.perf_counter() - t, time.perf_counter()
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        prefill = time.perf_counter() - t
+        prefill = min(first, time.perf_counter() - t)
         past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         for _ in range(args.steps):
             t = time.perf_counter()
@@ -183,13 +186,17 @@ def worker_ours(args) -> dict:
             for _ in engine_steps(engine, prompt_ids(8), 3):
                 pass
             result["compile_s"] = time.perf_counter() - t0
+        t = time.perf_counter()  # prefill: the best of two prompts (the first call of a size is slower)
+        for _ in engine_steps(engine, prompt_ids(n, seed=1), 1):
+            first = time.perf_counter() - t
         times, t = [], time.perf_counter()
         for _ in engine_steps(engine, prompt_ids(n), 1 + (args.steps if not key else 0)):
             now = time.perf_counter()
             times.append(now - t)
             t = now
-        result[f"prefill_tok_s{key}"] = n / times[0]
-        result[f"prefill_gflops{key}"] = n * prefill_flops_per_token(model.config.text, n) / times[0] / 1e9
+        prefill = min(first, times[0])
+        result[f"prefill_tok_s{key}"] = n / prefill
+        result[f"prefill_gflops{key}"] = n * prefill_flops_per_token(model.config.text, n) / prefill / 1e9
         if not key:
             result["decode_tok_s"] = 1 / statistics.median(times[1:])
             result["rss_gb"] = peak_rss_gb()  # the reference's workload (this prompt); the long one adds its own

@@ -31,6 +31,13 @@ constexpr int QK = 32;     // block length along K (weights and activations)
 constexpr int MR = 8;      // at most this many activation rows per pass over a weight row (registers)
 constexpr int PF = 2048;   // software prefetch distance in bytes: +15-25% over the hardware prefetcher alone
 constexpr int ROWS = 16;   // weight rows whose scales are converted together
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define GEMV_WIDE 1        // int4: 512-bit vectors, 4 blocks (64 bytes of weights) per step
+constexpr int G4 = 4;
+#else
+#define GEMV_WIDE 0
+constexpr int G4 = 2;      // int4: 2 blocks (32 bytes of weights) per 256-bit step
+#endif
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -58,14 +65,14 @@ std::unique_ptr<T[]> buffer(int64_t n) { return std::unique_ptr<T[]>(new T[n]); 
 // Rows are interleaved per block, [block][row][...], so that a kernel walking R rows of one block addresses
 // them at fixed offsets from one pointer (separate row pointers spill registers at R = 8).
 struct Acts {
-  int64_t M, nb, np;
+  int64_t M, nb, nu;
   int bits;
-  std::unique_ptr<int8_t[]> q;     // int8 path: [nb][M][32]; int4 path: [np][M][64] pair layout (below),
-                                   //   then an odd last block [M][32]
+  std::unique_ptr<int8_t[]> q;     // int8 path: [nb][M][32]; int4 path: [nu][M][G4 * 32] unit layout (below),
+                                   //   then the last nb % G4 blocks, [b][M][32]
   std::unique_ptr<uint8_t[]> qa;   // int8 path: |q| (vpmaddubsw wants one unsigned operand)
   std::unique_ptr<float[]> d;      // [M][nb] block scales
-  std::unique_ptr<float[]> dp;     // int4 path: [np][M][8] = {d[2p] x4, d[2p+1] x4}, matching the int32 lanes
-  std::unique_ptr<int32_t[]> off;  // int4 path: [np][M][8] = -8 * sum of q per lane: the nibbles' +8 offset
+  std::unique_ptr<float[]> dp;     // int4 path: [nu][M][G4 * 4] = {d[G4 u] x4, d[G4 u + 1] x4, ...}: the int32 lanes
+  std::unique_ptr<int32_t[]> off;  // int4 path: [nu][M][G4 * 4] = -8 * sum of q per lane: the nibbles' +8 offset
 };
 
 // 8 activations of type T -> floats (the decode step's activations are bf16 or fp32; no conversion pass).
@@ -100,17 +107,17 @@ inline float quant_block(const T* x, __m256i* q) {
   return d;
 }
 
-// int4 layout: blocks are taken in pairs (2p, 2p+1) so that one 32-byte weight load covers two blocks:
-// w & 0xF = {blk 2p elems 0-15 | blk 2p+1 elems 0-15}, w >> 4 = {blk 2p elems 16-31 | blk 2p+1 elems 16-31}.
-// The activation pair is stored to match: [2p lo16 | 2p+1 lo16 | 2p hi16 | 2p+1 hi16] (64 bytes).
-// An odd last block stays in natural order.
+// int4 layout: blocks are taken in units of G4 (2 with 256-bit vectors, 4 with 512-bit ones) so that one weight
+// load covers G4 blocks: w & 0xF = {blk 0 elems 0-15 | blk 1 elems 0-15 | ...}, w >> 4 = {blk 0 elems 16-31 |
+// ...}.  The activation unit is stored to match: [lo16 of each block | hi16 of each block] (G4 * 32 bytes).
+// The last nb % G4 blocks stay in natural order.
 inline Acts make_acts(int64_t M, int64_t K, int bits) {
   Acts a;
-  a.M = M; a.nb = K / QK; a.np = a.nb / 2; a.bits = bits;
+  a.M = M; a.nb = K / QK; a.nu = a.nb / G4; a.bits = bits;
   a.q = buffer<int8_t>(M * K);
   a.d = buffer<float>(M * a.nb);
   if (bits == 8) a.qa = buffer<uint8_t>(M * K);
-  if (bits == 4) { a.dp = buffer<float>(M * a.np * 8); a.off = buffer<int32_t>(M * a.np * 8); }
+  if (bits == 4) { a.dp = buffer<float>(M * a.nu * G4 * 4); a.off = buffer<int32_t>(M * a.nu * G4 * 4); }
   return a;
 }
 
@@ -123,22 +130,29 @@ void quantize_rows(const T* x, int64_t m0, int64_t m1, Acts& a) {
     const T* xm = x + m * K;
     int64_t b = 0;
     if (a.bits == 4) {
-      for (; b + 2 <= nb; b += 2) {
-        __m256i v0, v1;
-        a.d[m * nb + b] = quant_block(xm + b * QK, &v0);
-        a.d[m * nb + b + 1] = quant_block(xm + (b + 1) * QK, &v1);
-        const __m256i lo = _mm256_permute2x128_si256(v0, v1, 0x20), hi = _mm256_permute2x128_si256(v0, v1, 0x31);
-        const int64_t i = b / 2 * M + m;
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.q.get() + i * 64), lo);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.q.get() + i * 64 + 32), hi);
-        _mm256_storeu_ps(a.dp.get() + i * 8, _mm256_set_m128(_mm_set1_ps(a.d[m * nb + b + 1]), _mm_set1_ps(a.d[m * nb + b])));
+      for (; b + G4 <= nb; b += G4) {
+        __m256i v[G4];
+        for (int j = 0; j < G4; ++j) a.d[m * nb + b + j] = quant_block(xm + (b + j) * QK, &v[j]);
+        const int64_t i = b / G4 * M + m;
+        int8_t* q = a.q.get() + i * G4 * QK;
+        float* dp = a.dp.get() + i * G4 * 4;
+        for (int j = 0; j < G4; j += 2) {  // low halves of blocks j, j+1, then (G4 * 16 bytes on) their high halves
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + j * 16), _mm256_permute2x128_si256(v[j], v[j + 1], 0x20));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + G4 * 16 + j * 16),
+                              _mm256_permute2x128_si256(v[j], v[j + 1], 0x31));
+          _mm256_storeu_ps(dp + j * 4, _mm256_set_m128(_mm_set1_ps(a.d[m * nb + b + j + 1]),
+                                                       _mm_set1_ps(a.d[m * nb + b + j])));
+        }
         // -8 * q summed per int32 lane, exactly as the kernel's lanes sum nibble * q
-        const __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(eight, lo), _mm256_maddubs_epi16(eight, hi));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.off.get() + i * 8),
-                            _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_madd_epi16(s, ones)));
+        for (int j = 0; j < G4; j += 2) {
+          const __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(eight, load(q + j * 16)),
+                                             _mm256_maddubs_epi16(eight, load(q + G4 * 16 + j * 16)));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.off.get() + i * G4 * 4 + j * 4),
+                              _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_madd_epi16(s, ones)));
+        }
       }
     }
-    for (; b < nb; ++b) {  // int8, or int4's odd last block: natural order
+    for (; b < nb; ++b) {  // int8, or int4's last nb % G4 blocks: natural order
       __m256i v;
       a.d[m * nb + b] = quant_block(xm + b * QK, &v);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.q.get() + (b * M + m) * QK), v);
@@ -177,59 +191,88 @@ inline void convert_scales(const uint16_t* s, int64_t rows, int64_t nb, int64_t 
 // stream: interleaving 2-4 rows (to share activation loads) measured 30-50% slower here.
 // ---------------------------------------------------------------------------------------------
 
-// int4, per block pair: 1 load + 3 ops to unpack, then per activation row 2 vpmaddubsw (unsigned nibble x
+// int4, per unit of G4 blocks: 1 load + 3 ops to unpack, then per activation row 2 vpmaddubsw (unsigned nibble x
 // signed activation) + add + vpmaddwd + add (the +8 offset, precomputed) + cvt + mul + fma; with VNNI two
 // vpdpbusd starting from the offset replace the first five (the same integer sums: no int16 step to saturate).
-// Two accumulator sets (even / odd pairs) when R is small, to hide the FMA latency.
+// With AVX-512 a unit is 4 blocks in 512-bit vectors (64 bytes of weights): half the instructions per weight
+// byte of the 256-bit pairs, which left the one-row product compute-bound at about half the read bandwidth.
+// Two accumulator sets (even / odd units) when R is small, to hide the FMA latency.
+#if GEMV_WIDE
+using VF = __m512;
+using VI = __m512i;
+inline VI load_v(const void* p) { return _mm512_loadu_si512(p); }
+inline VF loadf_v(const float* p) { return _mm512_loadu_ps(p); }
+inline float hsum_v(VF v) { return _mm512_reduce_add_ps(v); }
+inline VI and_v(VI a, VI b) { return _mm512_and_si512(a, b); }
+#define V(op) _mm512_##op
+#else
+using VF = __m256;
+using VI = __m256i;
+inline VI load_v(const void* p) { return load(p); }
+inline VF loadf_v(const float* p) { return _mm256_loadu_ps(p); }
+inline float hsum_v(VF v) { return hsum(v); }
+inline VI and_v(VI a, VI b) { return _mm256_and_si256(a, b); }
+#define V(op) _mm256_##op
+#endif
+
 template <int R>
 void dot_q4(const uint8_t* w, const float* dw, const Acts& a, int64_t m0, float* out) {
   constexpr int NA = R <= 4 ? 2 : 1;
-  const int64_t M = a.M, nb = a.nb, np = a.np;
-  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  __m256 acc[NA][R];
+  constexpr int UB = G4 * 16;  // weight bytes per unit
+  const int64_t M = a.M, nb = a.nb, nu = a.nu;
+  const VI low = V(set1_epi8)(0x0F);
+  [[maybe_unused]] const VI ones = V(set1_epi16)(1);
+  VF acc[NA][R];
   for (int u = 0; u < NA; ++u)
-    for (int r = 0; r < R; ++r) acc[u][r] = _mm256_setzero_ps();
-  auto pair = [&](int64_t p, __m256* acc) INLINE {
-    const __m256i wb = load(w + p * 32);
-    const __m256i wlo = _mm256_and_si256(wb, low);
-    const __m256i whi = _mm256_and_si256(_mm256_srli_epi16(wb, 4), low);
-    const __m256 dwv = _mm256_set_m128(_mm_broadcast_ss(dw + 2 * p + 1), _mm_broadcast_ss(dw + 2 * p));
-    const int8_t* xq = a.q.get() + (p * M + m0) * 64;
-    const int32_t* xo = a.off.get() + (p * M + m0) * 8;
-    const float* xd = a.dp.get() + (p * M + m0) * 8;
+    for (int r = 0; r < R; ++r) acc[u][r] = V(setzero_ps)();
+  auto unit = [&](int64_t p, VF* acc) INLINE {
+    const VI wb = load_v(w + p * UB);
+    const VI wlo = and_v(wb, low);
+    const VI whi = and_v(V(srli_epi16)(wb, 4), low);
+#if GEMV_WIDE  // {dw[4p] x4, ..., dw[4p + 3] x4}
+    const VF dwv = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                         _mm512_castps128_ps512(_mm_loadu_ps(dw + G4 * p)));
+#else
+    const VF dwv = _mm256_set_m128(_mm_broadcast_ss(dw + 2 * p + 1), _mm_broadcast_ss(dw + 2 * p));
+#endif
+    const int8_t* xq = a.q.get() + (p * M + m0) * G4 * QK;
+    const int32_t* xo = a.off.get() + (p * M + m0) * G4 * 4;
+    const float* xd = a.dp.get() + (p * M + m0) * G4 * 4;
     for (int r = 0; r < R; ++r) {
 #if defined(__AVX512VNNI__)
-      const __m256i i = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(load(xo + r * 8), wlo, load(xq + r * 64)),
-                                            whi, load(xq + r * 64 + 32));
+      const VI i = V(dpbusd_epi32)(V(dpbusd_epi32)(load_v(xo + r * G4 * 4), wlo, load_v(xq + r * G4 * QK)),
+                                   whi, load_v(xq + r * G4 * QK + G4 * 16));
 #else
-      const __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(wlo, load(xq + r * 64)),
-                                         _mm256_maddubs_epi16(whi, load(xq + r * 64 + 32)));
-      const __m256i i = _mm256_add_epi32(_mm256_madd_epi16(s, ones), load(xo + r * 8));
+      const VI s = V(add_epi16)(V(maddubs_epi16)(wlo, load_v(xq + r * G4 * QK)),
+                                V(maddubs_epi16)(whi, load_v(xq + r * G4 * QK + G4 * 16)));
+      const VI i = V(add_epi32)(V(madd_epi16)(s, ones), load_v(xo + r * G4 * 4));
 #endif
-      const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(i), _mm256_loadu_ps(xd + r * 8));
-      acc[r] = _mm256_fmadd_ps(f, dwv, acc[r]);
+      const VF f = V(mul_ps)(V(cvtepi32_ps)(i), loadf_v(xd + r * G4 * 4));
+      acc[r] = V(fmadd_ps)(f, dwv, acc[r]);
     }
   };
   int64_t p = 0;
-  for (; p + 2 <= np; p += 2) {  // 64 bytes of weights = one cache line per iteration
-    prefetch(w + p * 32 + PF);
-    pair(p, acc[0]);
-    pair(p + 1, acc[NA - 1]);
+  for (; p + 2 <= nu; p += 2) {
+    prefetch(w + p * UB + PF);
+    if (UB * 2 > 64) prefetch(w + p * UB + PF + 64);
+    unit(p, acc[0]);
+    unit(p + 1, acc[NA - 1]);
   }
-  if (p < np) pair(p, acc[0]);
-  for (int r = 0; r < R; ++r) out[r] = hsum(NA == 2 ? _mm256_add_ps(acc[0][r], acc[NA - 1][r]) : acc[0][r]);
-  if (nb & 1) {  // odd last block, natural layout: signed weights via the sign trick
-    const int64_t b = nb - 1;
+  if (p < nu) unit(p, acc[0]);
+  for (int r = 0; r < R; ++r) out[r] = hsum_v(NA == 2 ? V(add_ps)(acc[0][r], acc[NA - 1][r]) : acc[0][r]);
+  const __m256i low8 = _mm256_set1_epi8(0x0F), ones8 = _mm256_set1_epi16(1);
+  for (int64_t b = nu * G4; b < nb; ++b) {  // the last nb % G4 blocks, natural layout: the sign trick
     const __m128i w16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 16));
-    const __m256i wv = _mm256_sub_epi8(_mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(w16, 4), w16), low),
+    const __m256i wv = _mm256_sub_epi8(_mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(w16, 4), w16), low8),
                                        _mm256_set1_epi8(8));
     for (int r = 0; r < R; ++r) {
-      const __m256i x = load(a.q.get() + np * M * 64 + (m0 + r) * QK);
+      const __m256i x = load(a.q.get() + (b * M + m0 + r) * QK);
       const __m256i s = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(x, wv));
-      out[r] += dw[b] * a.d[(m0 + r) * nb + b] * static_cast<float>(hsum_i32(_mm256_madd_epi16(s, ones)));
+      out[r] += dw[b] * a.d[(m0 + r) * nb + b] * static_cast<float>(hsum_i32(_mm256_madd_epi16(s, ones8)));
     }
   }
 }
+#undef V
 
 // int8, per block, per activation row: sign(w, x) + vpmaddubsw(|x|, .) + vpmaddwd (with VNNI one vpdpbusd)
 // + cvt + fma with the combined scale comb[m][b] = weight scale x activation scale (one broadcast load).
