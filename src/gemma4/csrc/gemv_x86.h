@@ -495,6 +495,25 @@ void dot_bf16_dp(const uint16_t* w, const uint16_t* x, int64_t K, float* out, in
       for (int r = 0; r < R; ++r)
         out[j * MR + r] += from_bf16(w[j * K + nc * 16 + k]) * from_bf16(x[nc * R * 16 + r * tail + k]);
 }
+// One weight row x one row of x, in 512-bit vdpbf16ps with every cache line prefetched 2 KB ahead: 25.5 GB/s over
+// a [12288, 1536] weight on two threads where the 256-bit dot_bf16_dp<1, 1> read 21.7 (the decode step of a
+// single stream is bound by this read).
+inline float dot_bf16_row(const uint16_t* w, const uint16_t* x, int64_t K) {
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  int64_t k = 0;
+  for (; k + 128 <= K; k += 128) {  // 256 bytes of the weight row
+    for (int line = 0; line < 4; ++line) prefetch(reinterpret_cast<const char*>(w + k) + 2048 + 64 * line);
+    for (int u = 0; u < 4; ++u)
+      acc[u] = _mm512_dpbf16_ps(acc[u], (__m512bh)_mm512_loadu_si512(w + k + 32 * u),
+                                (__m512bh)_mm512_loadu_si512(x + k + 32 * u));
+  }
+  for (; k + 32 <= K; k += 32)
+    acc[0] = _mm512_dpbf16_ps(acc[0], (__m512bh)_mm512_loadu_si512(w + k), (__m512bh)_mm512_loadu_si512(x + k));
+  float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+  for (; k < K; ++k) sum += from_bf16(w[k]) * from_bf16(x[k]);
+  return sum;
+}
+
 using XT = uint16_t;  // what the tiles hold: bf16 bits
 #else
 using XT = float;  // widened x
@@ -564,7 +583,7 @@ void gemv_bf16_rows(const Bf16X& p, const uint16_t* wbase, int64_t n0, int64_t n
   if (p.M == 1) {
     for (int64_t n = n0; n < n1; ++n) {
 #if defined(__AVX512BF16__)
-      dot_bf16_dp<1, 1>(wbase + n * K, p.x, K, res, 1);
+      res[0] = dot_bf16_row(wbase + n * K, p.x, K);
 #else
       dot_bf16<1, 1, uint16_t>(wbase + n * K, p.x, K, res, 1);
 #endif
