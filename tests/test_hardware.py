@@ -78,6 +78,7 @@ def test_select_checks_the_choice():
 @pytest.mark.parametrize("env,value,message", [
     ("GEMMA4_ISA", "sse4", "unknown kernel ISA 'sse4'"),
     ("GEMMA4_BF16_GEMM", "yes", "GEMMA4_BF16_GEMM must be 'native' or 'fp32', got 'yes'"),
+    ("GEMMA4_HUGEPAGES", "on", "GEMMA4_HUGEPAGES must be 0 or 1, got 'on'"),
 ])
 def test_bad_environment_is_one_clear_error(capsys, monkeypatch, env, value, message):
     monkeypatch.setenv(env, value)

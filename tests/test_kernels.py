@@ -47,6 +47,16 @@ def kernel():
 X86_ISAS = [name for name, _, _ in hardware.ISAS if not name.startswith("neon")]
 
 
+@pytest.fixture
+def no_kernels(monkeypatch):
+    """GEMMA4_NO_KERNELS=1 for one test (read once per resolution: kernels.reset around it)."""
+    monkeypatch.setenv("GEMMA4_NO_KERNELS", "1")
+    kernels.reset()
+    yield
+    monkeypatch.delenv("GEMMA4_NO_KERNELS")
+    kernels.reset()
+
+
 @pytest.fixture(params=X86_ISAS)
 def isa(request):
     """Each kernel build this CPU can run, forced in turn (the others are skipped, saying why)."""
@@ -115,10 +125,9 @@ def test_kernel(isa, bits, group_size, K, N):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_fallback_is_exact(bits, monkeypatch):
+def test_fallback_is_exact(bits, monkeypatch, no_kernels):
     """GEMMA4_NO_KERNELS=1: dequantize + fp32 F.linear (where bf16 is emulated), equal to the reference up to
     fp32 rounding."""
-    monkeypatch.setenv("GEMMA4_NO_KERNELS", "1")
     monkeypatch.setattr(hardware, "_chosen", {"native_bf16": False})
     monkeypatch.setattr(kernels, "_native", None)
     assert not kernels.kernel_available()
@@ -142,6 +151,7 @@ def test_dequantize_kernel_is_exact(isa, bits, group_size, monkeypatch):
         with pytest.raises(RuntimeError, match="out must be a contiguous float32 or bfloat16 \\[37, 384\\]"):
             kernels._ops().dequant_into(q, s, bits, group_size, bad)
     monkeypatch.setenv("GEMMA4_NO_KERNELS", "1")
+    kernels.reset()  # resolved once: the isa fixture's select() resolves again at teardown
     assert torch.equal(fast, dequantize(q, s, bits, group_size))  # q * fp16 scale is exact in fp32
     into.fill_(float("nan"))
     assert dequantize(q, s, bits, group_size, out=into) is into and torch.equal(into, fast)
@@ -156,7 +166,8 @@ def test_dequantize_kernel_is_exact(isa, bits, group_size, monkeypatch):
 @pytest.mark.parametrize("slice_bytes", [1 << 19, 1000])
 def test_many_rows_use_dequantized_gemm(bits, slice_bytes, monkeypatch):
     """More than 16 rows (prefill) go through the fp32 GEMM, by weight slices: exact, unlike the kernel's ~0.5%."""
-    monkeypatch.setattr(kernels, "_DEQUANT_SLICE", slice_bytes)  # 1000: slices of 7 / 3 rows, a ragged last one
+    for name in ("_DEQUANT_SLICE", "_DEQUANT_SLICE_BF16"):  # 1000: slices of 7 / 3 rows, a ragged last one
+        monkeypatch.setattr(kernels, name, slice_bytes)
     q, s = quantize(torch.randn(64, 256), bits, 32)
     wd = dequantize(q, s, bits, 32)
     x = torch.randn(3, 7, 256)  # 21 rows after flattening
@@ -407,6 +418,64 @@ def test_rms_norm_routes_to_the_kernel(kernel, monkeypatch):
 def test_rms_norm_kernel_bad_inputs(kernel, x, w, message):
     with pytest.raises(RuntimeError, match=message):
         kernels._ops().rms_norm(x, w, 1e-6)
+
+
+# (shape, dtype): an E2B prefill MLP, a decode step's double-wide MLP, a PLE gate, lengths that are not a multiple
+# of the 8-lane vectors.
+GELU_CASES = [((1, 512, 6144), torch.bfloat16), ((1, 1, 12288), torch.bfloat16), ((3, 256), torch.float32),
+              ((2, 37), torch.bfloat16), ((5,), torch.float32)]
+
+
+@pytest.mark.parametrize("shape,dtype", GELU_CASES)
+def test_gelu_mul_kernel_matches_aten(kernel, shape, dtype):
+    """gelu_tanh(gate) * up in place, against ATen's F.gelu(approximate="tanh") then *: bf16 identical but for
+    values of x < -2.9, where 1 + tanh keeps only a few bits in either (|difference| < 2^-20); fp32 within a few
+    ulp (another tanh). The edges: 0, -0, +-10, +-88 (exp saturates), -3e38."""
+    g = torch.Generator().manual_seed(shape[-1])
+    gate = (torch.randn(shape, generator=g) * 3).to(dtype)
+    up = torch.randn(shape, generator=g).to(dtype)
+    edges = torch.tensor([0.0, -0.0, 10.0, -10.0, 88.0, -88.0, -3e38])[:gate.numel()]
+    gate.view(-1)[:len(edges)] = edges.to(dtype)
+    expected = torch.nn.functional.gelu(gate, approximate="tanh") * up
+    out = kernels.gelu_mul(gate.clone(), up)
+    assert out.dtype == dtype and out.shape == gate.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, expected, rtol=4 * 2 ** -23, atol=1e-6)
+    else:
+        differ = out != expected
+        assert differ.float().mean() < 0.01 and (gate[differ] < -2.9).all()
+        assert ((out.double() - expected.double()).abs() < 2 ** -20).all()
+    assert torch.equal(out.view(-1)[:len(edges)], expected.view(-1)[:len(edges)])
+
+
+def test_gelu_mul_routes_to_the_kernel(kernel, monkeypatch):
+    """The MLP's activation: the kernel on CPU fp32/bf16 without autograd (in place in the gate's projection),
+    ATen where autograd records it or for fp16; the same values (within a few fp32 ulp) either way."""
+    from gemma4.model.text import MLP
+
+    calls = []
+    real = kernels.gelu_mul
+    monkeypatch.setattr(kernels, "gelu_mul", lambda gate, up: calls.append(gate.dtype) or real(gate, up))
+    mlp = MLP(64, 128).requires_grad_(False)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.randn(3, 64).to(dtype)
+        with torch.no_grad():
+            h = torch.nn.functional.gelu(mlp.gate_proj.to(dtype)(x), approximate="tanh") * mlp.up_proj.to(dtype)(x)
+        torch.testing.assert_close(mlp.to(dtype)(x), mlp.down_proj(h))
+    x = torch.randn(3, 64, requires_grad=True)
+    mlp.float().requires_grad_(True)(x).sum().backward()
+    assert calls == [torch.float32, torch.bfloat16] and x.grad is not None
+
+
+@pytest.mark.parametrize("gate,up,message", [
+    (torch.randn(4, 8).half(), torch.randn(4, 8).half(), "contiguous float32 or bfloat16"),
+    (torch.randn(4, 8), torch.randn(4, 9), "of one shape and dtype"),
+    (torch.randn(8, 4).T, torch.randn(4, 8), "contiguous"),
+    (torch.randn(4, 8), torch.randn(4, 8).bfloat16(), "of one shape and dtype"),
+])
+def test_gelu_mul_kernel_bad_inputs(kernel, gate, up, message):
+    with pytest.raises(RuntimeError, match=message):
+        kernels._ops().gelu_mul(gate, up)
 
 
 # (B, H, K, T, S, D, K/V dtype, q dtype): E2B's sliding and global decode (530 keys: a last chunk of 18), 26B's

@@ -98,25 +98,98 @@ def test_engine_pool_is_not_resident_until_used():
 
 
 def test_freed_prompt_sized_buffers_leave_the_resident_set():
-    """gemma4 has glibc map every buffer of 1 MB or more on its own (memory.unpool_large_buffers): by
+    """gemma4 has glibc map every buffer of 1 MB or more on its own where bf16 is emulated (memory.configure_heap): by
     default glibc raises that threshold to the largest block freed so far, so after a 16 MB tensor an 8 MB
     one came from its heap and stayed resident once freed (11 MB of a bf16 E2B prefill's peak, ~35 MB in int4).
-    Only where bf16 is emulated (fp32 activations, slow GEMMs)."""
+    Where bf16 is native the heap is pooled instead: a freed buffer stays for the next prefill."""
     code = ("import torch, gemma4\n"
             "def anon():\n"
             "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('RssAnon'))\n"
-            "torch.ones(4 << 20)\n"  # 16 MB, freed
             "before = anon()\n"
+            "torch.ones(4 << 20)\n"  # 16 MB, freed
             "t = torch.ones(2 << 20); del t\n"  # 8 MB, freed
             "print(anon() - before)")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GEMMA4_BF16_GEMM"))}
     env["PYTHONPATH"] = os.pathsep.join(sys.path)
     without = code.replace("import torch, gemma4", "import torch")
-    # (script, bf16 GEMM, check): where bf16 is native gemma4 leaves glibc's pooling on (prefill's page faults
-    # would cost 9-33% there); without gemma4 the buffer is kept too
+    # (script, bf16 GEMM, check): where bf16 is native gemma4 pools (prefill's page faults would cost 15-20%
+    # there); without gemma4 the buffer is kept too
     for script, gemm, kept in ((code, "fp32", lambda kb: kb < 2048), (code, "native", lambda kb: kb > 6144),
                                (without, "fp32", lambda kb: kb > 6144)):
         r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                            env={**env, "GEMMA4_BF16_GEMM": gemm}, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         assert kept(int(r.stdout.split()[-1])), (gemm, r.stdout)
+
+
+def mapping_line(address: int) -> dict:
+    """The /proc/self/smaps entry that holds `address`: {"path": file or "", "Rss": kB, "VmFlags": [...]}."""
+    with open("/proc/self/smaps") as f:
+        entry = None
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and ":" not in head[0]:
+                if entry is not None:
+                    return entry
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                if lo <= address < hi:
+                    entry = {"path": head[5] if len(head) > 5 and head[4] != "0" else ""}
+            elif entry is not None and head[0] == "VmFlags:":
+                entry["VmFlags"] = head[1:]
+            elif entry is not None and head[0].endswith(":") and len(head) >= 2:
+                entry[head[0][:-1]] = int(head[1]) if head[1].isdigit() else head[1]
+    if entry is not None:
+        return entry
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not gemma4.memory.hugepages(), reason="no transparent huge pages on this machine")
+def test_weights_move_to_huge_pages(ckpt, monkeypatch):
+    """On a CPU with transparent huge pages the loaded weights live in one anonymous mapping advised for them
+    (a decode step then takes no TLB miss per 4 kB of weights); the PLE table stays mapped from its file;
+    GEMMA4_HUGEPAGES=0 keeps the weights mapped from the file. Same logits either way."""
+    path, _ = ckpt("e2b")
+    ids = torch.tensor([[2, 17, 400, 9, 33]])
+    model = gemma4.load(path, device="cpu")
+    text = model.language_model
+    for w in (text.layers[0].self_attn.q_proj.weight, text.layers[-1].mlp.down_proj.weight, text.embed_tokens.weight):
+        where = mapping_line(w.data_ptr())
+        assert where["path"] == "" and "hg" in where["VmFlags"] and w.data_ptr() % 64 == 0, where  # hg: advised
+    assert mapping_line(text.embed_tokens_per_layer.weight.data_ptr())["path"].endswith(".safetensors")
+    logits = model(ids)
+    monkeypatch.setenv("GEMMA4_HUGEPAGES", "0")
+    mapped = gemma4.load(path, device="cpu")
+    w = mapped.language_model.layers[0].self_attn.q_proj.weight
+    assert mapping_line(w.data_ptr())["path"].endswith(".safetensors")
+    assert torch.equal(mapped(ids), logits)
+
+
+@pytest.mark.skipif(not gemma4.memory.hugepages(), reason="no transparent huge pages on this machine")
+def test_moving_weights_holds_them_once(tmp_path):
+    """Weights memory-mapped from a file are read from the file into huge pages, never faulted in here:
+    moving 64 MB in 16 tensors raises the peak RSS by ~64 MB, not twice that; tied tensors stay one
+    Parameter; values are unchanged."""
+    from safetensors.torch import save_file
+
+    file = str(tmp_path / "w.safetensors")
+    save_file({f"w{i}": torch.full((1024, 1024), float(i)) for i in range(16)}, file)
+    code = ("import resource, torch\n"
+            "from safetensors import safe_open\n"
+            "from gemma4 import memory\n"
+            "def anon():\n"
+            "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
+            f"f = safe_open({file!r}, framework='pt', device='cpu')\n"
+            "m = torch.nn.ModuleList(torch.nn.Linear(1024, 1024, bias=False) for _ in range(16))\n"
+            "for i, lin in enumerate(m):\n"
+            "    lin.weight = torch.nn.Parameter(f.get_tensor(f'w{i}'), requires_grad=False)\n"
+            "m.append(torch.nn.Module()); m[16].tied = m[3].weight\n"
+            "before = anon()\n"
+            "moved = memory.move_to_hugepages(m)\n"
+            "assert moved == 64 << 20, moved\n"
+            "assert m[16].tied is m[3].weight\n"
+            "assert all(bool((lin.weight == i).all()) for i, lin in enumerate(m[:16]))\n"
+            "print(anon() - before)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 60 << 10 < int(r.stdout.split()[-1]) < 76 << 10  # kB: the copies and one source tensor

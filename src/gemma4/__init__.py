@@ -6,9 +6,9 @@ import os
 # GEMM, so it works even when torch was imported first; set MKL_DISABLE_FAST_MM=0 to keep the cache.
 os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
 
-from .memory import unpool_large_buffers
+from .memory import configure_heap
 
-unpool_large_buffers()  # freed prompt-sized buffers leave the resident set (see there)
+configure_heap()  # how glibc serves prompt-sized buffers on this CPU (see there)
 
 from .chat.parse import parse_output
 from .config import ConfigError, load_config

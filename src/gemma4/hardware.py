@@ -146,7 +146,7 @@ def native_bf16() -> bool:
 
 def describe() -> dict:
     """What was detected and which path each product takes: `gemma4 info --hardware`."""
-    from . import kernels
+    from . import kernels, memory
 
     c, chosen = cpu(), isa()
     shown = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
@@ -166,7 +166,10 @@ def describe() -> dict:
                 f"gemma4 kernel ({chosen})" if built else "dequantize + F.linear",
             "int4/int8 prefill": "dequantize to bf16 blocks + bf16 GEMM" if bf16
                 else "dequantize to fp32 blocks + fp32 GEMM",
-            "rms_norm, decode attention": f"gemma4 kernels ({chosen})" if kernels.kernel_available("rms_norm")
-                else "PyTorch",
+            "norms, attention, gelu": f"gemma4 kernels ({chosen})"
+                if kernels.kernel_available("rms_norm") else "PyTorch",
+            "weights": "huge pages (transparent, madvise)" if memory.hugepages()
+                else "memory-mapped from the checkpoint",
+            "C heap": "pooled (bf16 native)" if memory.heap_pooled() else "large buffers unpooled",
         },
     }

@@ -37,7 +37,11 @@ MAX_BF16_KERNEL_ROWS = 64
 # it is as fast as the kernel or faster (benchmarks/bench_kernels.py --rows 1 2 3 4).
 NATIVE_BF16_KERNEL_ROWS = 2
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_DEQUANT_SLICE = 1 << 19  # bytes of packed weight dequantized at a time for prefill (-> 4 MB fp32 from int4)
+# Bytes of packed weight dequantized at a time for prefill: to fp32 where bf16 is emulated (-> 4 MB from int4),
+# to bf16 where it is native (-> 8 MB): oneDNN's bf16 GEMM over 682-row slices ran an E2B int4 prefill at 0.8x
+# the bf16 model's, over 2,730-row ones at 0.95x.
+_DEQUANT_SLICE = 1 << 19
+_DEQUANT_SLICE_BF16 = 1 << 21
 
 def _check_format(bits, group_size):
     if bits not in (4, 8):
@@ -138,17 +142,14 @@ def dequantize(qweight, scales, bits, group_size, dtype=torch.float32, out=None)
 
 def kernel_available(op: str = "qgemv") -> bool:
     """True when the C++ kernels for this CPU (hardware.isa()) are enabled (GEMMA4_NO_KERNELS=1 disables them),
-    built (on the first call) and include `op` (RMSNorm and decode attention are x86 only)."""
-    if os.environ.get("GEMMA4_NO_KERNELS", "") not in ("", "0"):
-        return False
+    built (on the first call) and include `op` (RMSNorm, decode attention and gelu_mul are x86 only). Read on
+    every projection: resolved once (`reset` forgets it)."""
     ns = _resolve()[1]
     return ns is not None and (op == "qgemv" or hasattr(ns, op))
 
 
 def unavailable_reason() -> str | None:
     """Why the kernels are not used (None when they are)."""
-    if os.environ.get("GEMMA4_NO_KERNELS", "") not in ("", "0"):
-        return "disabled by GEMMA4_NO_KERNELS"
     return _resolve()[2]
 
 
@@ -179,7 +180,9 @@ def _resolve():
     global _current
     if _current is None:
         isa = hardware.isa()
-        if isa is None:
+        if os.environ.get("GEMMA4_NO_KERNELS", "") not in ("", "0"):
+            _current = (isa, None, "disabled by GEMMA4_NO_KERNELS")
+        elif isa is None:
             _current = (None, None, f"no kernel build for this CPU ({hardware.cpu().arch}: needs AVX2 or ARM NEON)")
         else:
             if isa not in _builds:
@@ -194,7 +197,7 @@ def _resolve():
 
 
 def reset() -> None:
-    """Forget the resolved build and bf16 GEMM (hardware.select changed the choice)."""
+    """Forget the resolved build and bf16 GEMM (hardware.select or GEMMA4_NO_KERNELS changed the choice)."""
     global _current, _native
     _current = _native = None
 
@@ -264,6 +267,12 @@ def rms_norm(x, weight, eps):
     return _ops().rms_norm(x.contiguous(), weight, eps)
 
 
+def gelu_mul(gate, up):
+    """gate = gelu_tanh(gate) * up in place (fp32/bf16 CPU, contiguous, one shape and dtype; see `ops.gelu_mul`)."""
+    _ops().gelu_mul(gate, up)
+    return gate
+
+
 def decode_attention(q, k, v, mask):
     """softmax(q k^T masked) v without a 1/sqrt(D) scale, q [B, H, T, D] over k, v [B, K, S, D] (fp32/bf16 CPU,
     last dim contiguous) with mask [B, 1, T, S]; fp32 inside, out in q's dtype (see `model.text`). A row that
@@ -274,11 +283,16 @@ def decode_attention(q, k, v, mask):
 def _dequant_matmul(x2, qweight, scales, bits, group_size):
     # Prefill (many rows) is compute bound: it runs as GEMMs over slices of the weight dequantized to bf16 where
     # the CPU multiplies bf16 natively (hardware.native_bf16), else to fp32 (bf16 is emulated: ~7x slower).
-    # Slices of ~2-4 MB: a whole copy of a large weight is a fresh mmap each call, whose page faults alone cost
-    # more than the dequantization (17 ms for [6144, 1536]). Also the fallback when the kernel is unavailable.
+    # Slices into buffers kept for reuse: a whole copy of a large weight is a fresh mmap each call, whose page
+    # faults alone cost more than the dequantization (17 ms for [6144, 1536]). Also the fallback when the kernel
+    # is unavailable.
     N, K = _check_weight(qweight, scales, bits, group_size)
-    rows = min(N, max(1, _DEQUANT_SLICE // qweight.shape[1]))
-    x = x2 if x2.dtype == torch.bfloat16 and native_bf16() else x2.float()
+    in_bf16 = x2.dtype == torch.bfloat16 and native_bf16()
+    rows = min(N, max(1, (_DEQUANT_SLICE_BF16 if in_bf16 else _DEQUANT_SLICE) // qweight.shape[1]))
+    if in_bf16:  # slices of equal size (6144 rows: 3 x 2048, not 2730 + 2730 + 684, whose GEMM ran at half speed)
+        slices = -(-N // rows)
+        rows = min(N, -(-N // (slices * 64)) * 64)
+    x = x2 if in_bf16 else x2.float()
     return blocked_product(x, N, rows, lambda buf, n: dequantize(
         qweight[n:n + len(buf)], scales[n:n + len(buf)], bits, group_size, out=buf))
 
@@ -286,14 +300,18 @@ def _dequant_matmul(x2, qweight, scales, bits, group_size):
 def blocked_product(x, N, rows, fill, dtype=None):
     """x [M, K] (fp32, or bf16 on CPUs with native bf16) @ W.T -> [M, N] in `dtype` (default x's), for prefill's
     GEMMs over bf16 or quantized weights: W [N, K] is made `rows` rows at a time by fill(buf, n), which writes
-    W[n:n + len(buf)] in x's dtype into buf and returns it. The weight block and its product live in buffers
-    kept for reuse (`scratch`)."""
+    W[n:n + len(buf)] in x's dtype into buf and returns it. The weight block (and the product, where it is
+    converted to `dtype`) live in buffers kept for reuse (`scratch`)."""
     M, K = x.shape
-    w, product = scratch("weights", rows * K, x.dtype).view(rows, K), scratch("product", M * rows, x.dtype)
+    w = scratch("weights", rows * K, x.dtype).view(rows, K)
     out = x.new_empty(M, N, dtype=dtype or x.dtype)
+    product = scratch("product", M * rows, x.dtype) if out.dtype != x.dtype else None
     for n in range(0, N, rows):
         r = min(rows, N - n)
-        out[:, n:n + r] = torch.mm(x, fill(w[:r], n).t(), out=product[:M * r].view(M, r))
+        if out.dtype == x.dtype:  # straight into the output's columns: a copy per slice was 7% of an int4 prefill
+            torch.mm(x, fill(w[:r], n).t(), out=out[:, n:n + r])
+        else:
+            out[:, n:n + r] = torch.mm(x, fill(w[:r], n).t(), out=product[:M * r].view(M, r))
     return out
 
 
@@ -303,7 +321,7 @@ _scratch = threading.local()  # per thread: buffers of the prefill products, reu
 def scratch(name: str, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """n elements of a per-thread buffer kept for reuse (grown when too small): prefill's weight slices, inputs
     and products. Fresh ones each call were ~1 GB of new pages per 512-token E2B prefill, whose page faults
-    cost 5-10% of it (gemma4.memory.unpool_large_buffers maps every large buffer anew)."""
+    cost 5-10% of it (where gemma4.memory.configure_heap maps every large buffer anew)."""
     key = f"{name}_{str(dtype).removeprefix('torch.')}"
     buf = getattr(_scratch, key, None)
     if buf is None or buf.numel() < n:

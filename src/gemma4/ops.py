@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from . import kernels
 
-_KERNEL_FLOATS = (torch.float32, torch.bfloat16)  # what the CPU kernels (norm, attention) take
+_KERNEL_FLOATS = (torch.float32, torch.bfloat16)  # what the CPU kernels (norm, attention, gelu) take
 
 
 def needs_autograd(*tensors) -> bool:
@@ -75,6 +75,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
             and kernels.kernel_available("rms_norm"):
         return kernels.rms_norm(x, weight, eps)
     return F.rms_norm(x, x.shape[-1:], weight, eps)
+
+
+def gelu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(gate) * up, the gated MLPs' activation, in place in `gate` (always a projection's fresh
+    output) unless autograd records it. On a CPU our kernel does it in one pass, with the gelu rounded to the
+    dtype as ATen's two ops round it; ATen's tanh gelu alone was 16% of a bf16 E2B prefill."""
+    if gate.device.type == "cpu" and gate.dtype in _KERNEL_FLOATS and gate.dtype == up.dtype \
+            and gate.shape == up.shape and gate.is_contiguous() and up.is_contiguous() \
+            and not needs_autograd(gate, up) and not torch.compiler.is_compiling() \
+            and kernels.kernel_available("gelu_mul"):
+        return kernels.gelu_mul(gate, up)
+    if needs_autograd(gate, up):
+        return F.gelu(gate, approximate="tanh") * up
+    # In place: one prompt-sized [T, intermediate] tensor fewer at the peak of a prefill.
+    return torch.ops.aten.gelu_(gate, approximate="tanh").mul_(up)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from . import kernels
+from . import kernels, memory
 from .config import ModelConfig, load_config
 from .kernels import DEFAULT_GROUP_SIZE
 from .model import Gemma4, empty_model
@@ -118,7 +118,9 @@ def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None 
     Quantization applies to the text decoder only; the towers stay in `dtype`.
 
     `dtype` None: the checkpoint's; float32 for a quantized model on a CPU (see below).
-    Tensors already in the target dtype stay memory-mapped from the file (no copy). The PLE table always
+    Tensors already in the target dtype are read memory-mapped from the file; on a CPU with transparent huge
+    pages the weights then move to an anonymous huge-page mapping (`memory.move_to_hugepages`; GEMMA4_HUGEPAGES=0
+    keeps them mapped from the file, shared with other processes). The PLE table always
     stays in its stored dtype, memory-mapped: it is only ever looked up, a row per token, so most of its
     2.3B (E2B) parameters are never read into memory. `quantize`: "int8" / "int4" weight-only, done here;
     a checkpoint saved quantized (config.json `quantization_config`) loads as such.
@@ -185,6 +187,7 @@ def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None 
     if missing:
         raise CheckpointError(f"{ckpt}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     model.load_state_dict(state, strict=False, assign=True)
+    del state  # the model holds the tensors now: each is freed as it moves to huge pages (below)
     model.init_buffers(device)
     if ple_rows is not None:
         model.language_model.ple_rows = ple_rows
@@ -205,6 +208,9 @@ def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None 
             for module in model.modules():
                 if isinstance(module, QuantizedLinear):
                     module.dtype = dtype  # what its embedding lookups dequantize to
+    if device.type == "cpu" and memory.hugepages():  # decode streams every weight: no TLB miss per 4 kB
+        table = getattr(model.language_model, "embed_tokens_per_layer", None)
+        memory.move_to_hugepages(model, keep=(table.weight,) if table is not None else ())  # PLE: rows only
     return model.eval()
 
 

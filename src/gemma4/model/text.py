@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import ops
 from ..config import LayerSpec, TextConfig
-from ..memory import return_freed_heap
+from ..memory import return_prompt_buffers
 
 
 class Linear(nn.Linear):
@@ -110,10 +110,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate, hidden)
 
     def forward(self, x):
-        h = F.gelu(self.gate_proj(x), approximate="tanh")
-        # In place without autograd: one prompt-sized [T, intermediate] tensor fewer at the peak of a prefill.
-        h = h * self.up_proj(x) if ops.needs_autograd(h) else h.mul_(self.up_proj(x))
-        return self.down_proj(h)
+        return self.down_proj(ops.gelu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class Router(nn.Module):
@@ -165,7 +162,7 @@ class Experts(nn.Module):
             tok = token[start:start + n]
             start += n
             gate, up = expert_matmul(x[tok], self.gate_up_proj, e).chunk(2, dim=-1)
-            y = expert_matmul(F.gelu(gate, approximate="tanh") * up, self.down_proj, e)
+            y = expert_matmul(ops.gelu_mul(gate, up), self.down_proj, e)
             out.index_add_(0, tok, (y * weights.flatten()[sel, None]).to(out.dtype))
         return out
 
@@ -207,7 +204,7 @@ class DecoderLayer(nn.Module):
         x = x + self.post_feedforward_layernorm(h)
 
         if ple is not None:  # Per-Layer Embedding: a gated per-token signal added after the MLP
-            h = F.gelu(self.per_layer_input_gate(x), approximate="tanh") * ple
+            h = ops.gelu_mul(self.per_layer_input_gate(x), ple)
             x = x + self.post_per_layer_input_norm(self.per_layer_projection(h))
         return x * self.layer_scalar
 
@@ -349,7 +346,7 @@ class TextModel(nn.Module):
                 cos, sin = rope[kind]
                 shared = {j: (k, v, m[:, :, keep]) for j, (k, v, m) in shared.items()}
                 if x.device.type == "cpu" and T > 1:
-                    return_freed_heap()
+                    return_prompt_buffers()
             x_normed = layer.input_layernorm(x)
             if spec.kv_shared:  # K/V come explicitly from the donor layer
                 k, v, mask = shared[spec.kv_source]

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from .text import Linear, RMSNorm, apply_rope
 
 # Gemma4VisionConfig's defaults: a config.json may leave any of them out.
@@ -110,7 +111,7 @@ class VisionMLP(nn.Module):
         self.down_proj = ClippedLinear(I, E, clip)
 
     def forward(self, x):
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        return self.down_proj(ops.gelu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class VisionLayer(nn.Module):
