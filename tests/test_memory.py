@@ -146,8 +146,8 @@ def mapping_line(address: int) -> dict:
 @pytest.mark.skipif(not gemma4.memory.hugepages(), reason="no transparent huge pages on this machine")
 def test_weights_move_to_huge_pages(ckpt, monkeypatch):
     """On a CPU with transparent huge pages the loaded weights live in one anonymous mapping advised for them
-    (a decode step then takes no TLB miss per 4 kB of weights); the PLE table stays mapped from its file;
-    GEMMA4_HUGEPAGES=0 keeps the weights mapped from the file. Same logits either way."""
+    (a decode step then takes no TLB miss per 4 kB of weights); what a step reads sparsely (the PLE table,
+    MoE experts) stays mapped from its file; GEMMA4_HUGEPAGES=0 keeps all mapped. Same logits either way."""
     path, _ = ckpt("e2b")
     ids = torch.tensor([[2, 17, 400, 9, 33]])
     model = gemma4.load(path, device="cpu")
@@ -157,6 +157,15 @@ def test_weights_move_to_huge_pages(ckpt, monkeypatch):
         assert where["path"] == "" and "hg" in where["VmFlags"] and w.data_ptr() % 64 == 0, where  # hg: advised
     assert mapping_line(text.embed_tokens_per_layer.weight.data_ptr())["path"].endswith(".safetensors")
     logits = model(ids)
+    moe = gemma4.load(ckpt("26b")[0], device="cpu").language_model  # experts: read 8 of 128 a token
+    experts = next(layer.experts for layer in moe.layers if layer.spec.moe)
+    assert mapping_line(experts.gate_up_proj.data_ptr())["path"].endswith(".safetensors")
+    assert mapping_line(moe.layers[0].mlp.up_proj.weight.data_ptr())["path"] == ""
+    assert gemma4.memory._fits(1 << 20) and not gemma4.memory._fits(1 << 50)
+    with monkeypatch.context() as m:
+        m.setattr(gemma4.memory, "_fits", lambda nbytes: False)  # more than 3/4 of the available memory
+        w = gemma4.load(path, device="cpu").language_model.layers[0].self_attn.q_proj.weight
+        assert mapping_line(w.data_ptr())["path"].endswith(".safetensors")
     monkeypatch.setenv("GEMMA4_HUGEPAGES", "0")
     mapped = gemma4.load(path, device="cpu")
     w = mapped.language_model.layers[0].self_attn.q_proj.weight

@@ -148,12 +148,24 @@ def _read_from_file(t, dst, mappings: list[tuple[int, int, int, str]]) -> bool:
     return True
 
 
+def _fits(nbytes: int) -> bool:
+    """Whether nbytes of resident weights leave a quarter of the memory Linux says is available (a 62 GB bf16
+    31B on a 24 GB machine runs only memory-mapped, paged in and out from its file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return False
+    return nbytes <= 0.75 * available
+
+
 def move_to_hugepages(model, keep=()) -> int:
     """Copy every CPU parameter and persistent buffer of `model` but those in `keep` into one huge-page
     mapping, one tensor at a time: read from the file where the tensor is memory-mapped from one (its pages
     never become resident here), else copied, each source freed as it goes (the C heap trimmed every 64 MB),
     so the resident set grows by little more than one tensor. Tied tensors stay tied (one
-    Parameter object). Returns the bytes moved."""
+    Parameter object). Nothing moves where the weights would take over 3/4 of the available memory. Returns
+    the bytes moved."""
     import torch
 
     kept = {t.data_ptr() for t in keep}
@@ -169,7 +181,7 @@ def move_to_hugepages(model, keep=()) -> int:
                     where[id(t)] = []
                     todo.append(t)
                 where[id(t)].append((store, name))
-    if not todo:
+    if not todo or not _fits(sum(t.nbytes for t in todo)):
         return 0
     def padded(t):  # each tensor starts on a cache line
         return -(-t.nbytes // 64) * 64

@@ -209,9 +209,23 @@ def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None 
                 if isinstance(module, QuantizedLinear):
                     module.dtype = dtype  # what its embedding lookups dequantize to
     if device.type == "cpu" and memory.hugepages():  # decode streams every weight: no TLB miss per 4 kB
-        table = getattr(model.language_model, "embed_tokens_per_layer", None)
-        memory.move_to_hugepages(model, keep=(table.weight,) if table is not None else ())  # PLE: rows only
+        memory.move_to_hugepages(model, keep=_read_sparsely(model))
     return model.eval()
+
+
+def _read_sparsely(model) -> list[torch.Tensor]:
+    """Tensors a step reads only parts of, which stay memory-mapped so that only those parts become resident:
+    the PLE table (a row per token) and the MoE experts (8 of 128 per token: an int4 26B-A4B decodes with
+    3.7 GB resident of its 13 GB)."""
+    from .model.text import Experts
+
+    text = model.language_model
+    sparse = [text.embed_tokens_per_layer.weight] if hasattr(text, "embed_tokens_per_layer") else []
+    for module in text.modules():
+        if isinstance(module, Experts):
+            sparse += [t for bank in (module.gate_up_proj, module.down_proj)
+                       for t in ((bank.qweight, bank.scales) if isinstance(bank, nn.Module) else (bank,))]
+    return sparse
 
 
 _CAN_PREAD = hasattr(os, "preadv")
