@@ -153,3 +153,36 @@ def build_media(shape: str, out: str, vision: dict | None = None, audio: dict | 
     model.eval()
     model.save_pretrained(out)
     return model
+
+
+def build_drafter(shape: str, out: str, ordered: bool = True, seed: int = 0):
+    """A tiny MTP drafter (Gemma4AssistantForCausalLM) for the tiny target of `shape`: its width as backbone,
+    the K/V heads of the target's layers it reads, random weights (norms and scalars too), a random token
+    ordering for the centroid head. Returns the reference drafter (fp32, eval)."""
+    from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM
+
+    t = SHAPES[shape]
+    text = dict(vocab_size=t["vocab_size"], hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=t["num_key_value_heads"], head_dim=t["head_dim"],
+                global_head_dim=t["global_head_dim"], layer_types=[S, S, S, F], sliding_window=t["sliding_window"],
+                attention_k_eq_v=t.get("attention_k_eq_v", False),
+                num_global_key_value_heads=t.get("num_global_key_value_heads"), hidden_size_per_layer_input=0,
+                vocab_size_per_layer_input=0, num_kv_shared_layers=4, final_logit_softcapping=None,
+                max_position_embeddings=t["max_position_embeddings"], rms_norm_eps=t["rms_norm_eps"])
+    cfg = Gemma4AssistantConfig(text_config=text, backbone_hidden_size=t["hidden_size"],
+                                use_ordered_embeddings=ordered, num_centroids=16, centroid_intermediate_top_k=4)
+    model = Gemma4AssistantForCausalLM(cfg)
+    randomise(model, seed)
+    if ordered:
+        model.masked_embedding.token_ordering.copy_(torch.randperm(t["vocab_size"], generator=torch.Generator()
+                                                                   .manual_seed(seed)))
+    model.eval()
+    model.save_pretrained(out)
+    with open(os.path.join(out, "config.json")) as f:  # the published layout (see build)
+        cfg = json.load(f)
+    cfg["text_config"].pop("per_layer_config", None)
+    cfg["text_config"]["global_head_dim"] = t["global_head_dim"]
+    cfg["text_config"]["num_global_key_value_heads"] = t.get("num_global_key_value_heads")
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    return model

@@ -140,8 +140,8 @@ def test_prefill_attention_blocks_equal_one_call(T, cached, window, pad):
 
 @pytest.mark.parametrize("shape", ["e2b", "31b"])
 def test_forward_returns_last_kv_of_each_kind(ckpt, shape):
-    """return_kv: the final hidden state and the K/V of the last layer of each kind that computes its own (what
-    the MTP drafters attend to): through the engine's paged cache, after a prompt fed in chunks, they equal the
+    """return_kv: the final hidden state and the K/V (and mask) of the last layer of each kind that computes its
+    own (what the MTP drafters attend to): through the engine's paged cache, after a prompt fed in chunks, they equal the
     cache-free forward's over the whole prompt (31B: K rebuilt from V on its K=V global layers)."""
     from gemma4.engine.worker import forward_step
 

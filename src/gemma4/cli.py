@@ -155,7 +155,8 @@ def cmd_generate(args) -> int:
     if args.dtype:
         resolve_dtype(args.dtype, None)
     resolve_device(args.device)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, compile=args.compile)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, compile=args.compile,
+              draft_model=args.draft_model, num_draft_tokens=args.num_draft_tokens)
     ids = llm.tokenizer.encode(args.prompt, add_bos=True)
     for ev in llm.generate_stream([ids], **sampling):
         print(ev.text, end="", flush=True)
@@ -192,7 +193,8 @@ def _load(args) -> LLM:
     resolve_device(args.device)
     return LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
                kv_memory=_parse_bytes(getattr(args, "kv_memory", None)), max_seqs=getattr(args, "max_seqs", 16),
-               prefill_chunk=getattr(args, "prefill_chunk", 512), compile=args.compile)
+               prefill_chunk=getattr(args, "prefill_chunk", 512), compile=args.compile,
+               draft_model=args.draft_model, num_draft_tokens=args.num_draft_tokens)
 
 
 def cmd_serve(args) -> int:
@@ -326,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what this CPU can do and which kernel path each product takes (builds the kernels)")
     p.set_defaults(func=cmd_info)
 
+    def draft_options(p):
+        p.add_argument("--draft-model", help="the model's MTP assistant (directory or hub id): greedy requests "
+                                             "draft tokens with it, verified by the model (same output, faster)")
+        p.add_argument("--num-draft-tokens", type=int,
+                       help="tokens drafted a step, 1-8 (default: E2B 2, the others 4)")
+
     p = sub.add_parser("generate", help="complete a prompt, streaming the text")
     p.add_argument("prompt")
     p.add_argument("--model", help=model_help)
@@ -340,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization at load")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    draft_options(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("quantize", help="write an int8 / int4 copy of a checkpoint (loads without re-quantizing)")
@@ -357,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")
         p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization at load")
         p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+        draft_options(p)
 
     p = sub.add_parser("chat", help="chat in the terminal (streams; /think, /image FILE, /reset, /quit)")
     load_options(p)

@@ -69,15 +69,22 @@ class LLM:
     def __init__(self, path: str | os.PathLike | None = None, dtype=None, device=None,
                  quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE, compile: bool = False,
                  kv_memory: int | None = None, max_seqs: int = 16, prefill_chunk: int = 512,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, draft_model: str | os.PathLike | None = None,
+                 num_draft_tokens: int | None = None):
         """`path`: checkpoint directory or hub id (None: the built-in tiny random model). `quantize`:
         "int8" / "int4" weight-only, done at load (or load a checkpoint saved by `save_quantized`).
         The engine (engine/engine.py) runs everything: `kv_memory` bytes of K/V (default: 2 GiB on a CPU, 90%
         of free memory on a GPU), `max_seqs` sequences at once, `prefill_chunk` tokens per step; `compile`:
         torch.compile its decode step (a minute or two once, then faster steps); `cuda_graphs`: replay decode
-        steps as CUDA graphs (default: on a GPU, where the model allows)."""
+        steps as CUDA graphs (default: on a GPU, where the model allows). `draft_model`: the model's MTP
+        assistant (directory or hub id): greedy requests draft `num_draft_tokens` tokens a step with it
+        (default: E2B 2, the others 4) and verify them in one forward, with output identical to plain decoding."""
+        if num_draft_tokens is not None and (draft_model is None or isinstance(num_draft_tokens, bool)
+                                             or not isinstance(num_draft_tokens, int) or not 1 <= num_draft_tokens <= 8):
+            raise ValueError(f"num_draft_tokens must be an integer in [1, 8] with a draft model, got "
+                             f"{num_draft_tokens!r}{'' if draft_model is not None else ' without one'}")
         self.engine_options = dict(kv_memory=kv_memory, max_seqs=max_seqs, max_step_tokens=prefill_chunk,
-                                   compile=compile, cuda_graphs=cuda_graphs)
+                                   compile=compile, cuda_graphs=cuda_graphs, num_draft_tokens=num_draft_tokens)
         self._engine = None
         if path is None:
             dtype, device = resolve_dtype(dtype or "float32", None), resolve_device(device or "cpu")
@@ -93,6 +100,17 @@ class LLM:
             self.checkpoint = resolve_checkpoint(path)
             self.model = load(self.checkpoint, dtype=dtype, device=device, quantize=quantize, group_size=group_size)
         self.config = self.model.config
+        self.drafter = None
+        if draft_model is not None:
+            from .model.assistant import check_pair
+            from .weights import load_assistant
+
+            try:
+                self.drafter = load_assistant(draft_model, dtype=self.model.dtype, device=self.model.device)
+                check_pair(self.config.text, self.drafter.cfg)
+            except (OSError, ValueError) as e:  # ConfigError and CheckpointError are ValueErrors
+                raise ValueError(f"draft model {os.fspath(draft_model)}: {e}") from None
+        self.engine_options["drafter"] = self.drafter
         # stop tokens and sampling defaults for every request (the tiny model ships Gemma 4's own)
         self.generation = GenerationConfig.load(self.checkpoint or str(TINY_DIR))
         self._tokenizer = None

@@ -306,3 +306,44 @@ def _saved_quantization(ckpt: str) -> dict | None:
                               f"and its own '{QUANT_METHOD}' int8/int4 ones)")
     check_quantization(q.get("bits"), q.get("group_size"))
     return q
+
+
+def load_assistant(path: str | os.PathLike, dtype=None, device=None):
+    """Load an MTP drafter checkpoint (`gemma4_assistant`: a directory or hub id) -> model.assistant.Assistant
+    in eval mode. Its LM head is its tied embedding table (`lm_head.weight`, when stored, must equal it)."""
+    from .model.assistant import Assistant, parse_assistant_config
+
+    ckpt = resolve_checkpoint(path)
+    file = os.path.join(ckpt, "config.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no config.json at {ckpt}")
+    try:
+        with open(file, encoding="utf-8") as f:
+            config = parse_assistant_config(json.load(f))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    device, dtype = resolve_device(device), resolve_dtype(dtype, config)
+    with torch.device("meta"):
+        model = Assistant(config)
+    wanted, state = model.state_dict(), {}
+    for file in safetensors_files(ckpt):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key == "lm_head.weight":
+                    continue  # tied to model.embed_tokens.weight
+                if key not in wanted:
+                    raise CheckpointError(f"{os.path.basename(file)}: unexpected tensor {key!r} for a drafter")
+                t = f.get_tensor(key)
+                if tuple(t.shape) != tuple(wanted[key].shape):
+                    raise CheckpointError(f"{os.path.basename(file)}: tensor {key!r} has shape {tuple(t.shape)}, "
+                                          f"the config needs {tuple(wanted[key].shape)}")
+                state[key] = t.to(device=device, dtype=None if not t.is_floating_point() else dtype)
+    missing = sorted(set(wanted) - set(state))
+    if missing:
+        raise CheckpointError(f"{ckpt}: missing drafter tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    model.load_state_dict(state, strict=True, assign=True)
+    model.init_buffers(device)  # the RoPE tables (not in the checkpoint) were built on meta
+    model.requires_grad_(False)
+    if device.type == "cpu" and memory.hugepages():
+        memory.move_to_hugepages(model)
+    return model.eval()

@@ -27,7 +27,7 @@ from ..model import Gemma4
 from .blocks import BlockPool, Prefixes
 from .kv import KINDS, block_bytes, cache_dtype
 from .sample import DEFAULT_STOP_TOKEN_IDS, Sampler, SamplingParams, sample_rows
-from .scheduler import Scheduler
+from .scheduler import Scheduler, Work
 from .sequence import Sequence, Status
 from .worker import Worker
 
@@ -55,14 +55,32 @@ def default_kv_memory(model: Gemma4) -> int:
 class Engine:
     def __init__(self, model: Gemma4, kv_memory: int | None = None, block_size: int = 64, max_seqs: int = 16,
                  max_step_tokens: int = 512, stop_ids=DEFAULT_STOP_TOKEN_IDS, compile: bool = False,
-                 cuda_graphs: bool | None = None, max_rollback: int = 8):
+                 cuda_graphs: bool | None = None, max_rollback: int = 8, drafter=None,
+                 num_draft_tokens: int | None = None):
         """`kv_memory`: bytes of K/V (default: 2 GiB on a CPU, 90% of free memory on a GPU); `max_seqs`
         sequences at once; `max_step_tokens` per step; `stop_ids` where a request gives none; `compile`,
         `cuda_graphs`: see engine/worker.py; `max_rollback`: computed tokens `rollback` takes back without
-        recomputing (sliding layers keep that many positions behind their window)."""
+        recomputing (sliding layers keep that many positions behind their window). `drafter`: an MTP assistant
+        (model.assistant, weights.load_assistant) made for this model: greedy requests then draft
+        `num_draft_tokens` tokens a step (default: E2B 2, the others 4, as vLLM's recipes; at most
+        max_rollback) and verify them in one forward (see `_verify`)."""
         cfg = model.config.text
         if block_size <= 0 or max_seqs <= 0 or max_step_tokens <= 0 or max_rollback < 0:
             raise ValueError("block_size, max_seqs and max_step_tokens must be positive, and max_rollback >= 0")
+        self.drafter, self.num_draft_tokens = drafter, 0
+        if drafter is not None:
+            from ..model.assistant import check_pair
+
+            check_pair(cfg, drafter.cfg)
+            k = (2 if cfg.hidden_size == 1536 else 4) if num_draft_tokens is None else num_draft_tokens
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= max_rollback:
+                raise ValueError(f"num_draft_tokens must be an integer in [1, {max_rollback}], got {k!r}")
+            self.num_draft_tokens = k
+        # drafts proposed, accepted, and accepted at each draft position (1st, 2nd, ...): for /metrics and tests
+        self.draft_stats = {"drafted": 0, "accepted": 0, "accepted_at": [0] * self.num_draft_tokens,
+                            "drafted_at": [0] * self.num_draft_tokens}
+        if drafter is None and num_draft_tokens is not None:
+            raise ValueError("num_draft_tokens needs a drafter (draft_model)")
         self.model, self.cfg, self.block_size, self.default_stop = model, cfg, block_size, frozenset(stop_ids)
         dsize = cache_dtype(model).itemsize
         sizes = {k: block_bytes(cfg, k, block_size, dsize) for k in KINDS}
@@ -171,11 +189,14 @@ class Engine:
     # ---------------------------------------------------------------- one step
     def step(self) -> list[TokenEvent]:
         before = {s.id for s in self.scheduler.running} | {s.id for s in self.scheduler.waiting}
-        work = self.scheduler.schedule()
+        self._propose()
+        work = self._whole_drafts(self.scheduler.schedule())
         events = [TokenEvent(rid, None, self.sequences.pop(rid).finish_reason) for rid in before
                   if self.sequences[rid].status is Status.FINISHED]
-        decodes = [w for w in work if w.count == 1 and w.start == len(w.seq) - 1]
-        chunks = [w for w in work if w not in decodes]
+        drafting = [w for w in work if self._drafts(w.seq) and w.start + w.count == len(w.seq)
+                    and (w.count > 1 or not self._fresh(w.seq))]
+        decodes = [w for w in work if w.count == 1 and w.start == len(w.seq) - 1 and w not in drafting]
+        chunks = [w for w in work if w not in decodes and w not in drafting]
         if decodes:
             events += self._decode(decodes)
         for w in chunks:
@@ -187,7 +208,104 @@ class Engine:
                 events.append(self._advance(w, w.seq.sampler.sample(logits[0]) if last else None))
             except Exception as e:
                 events.append(self.fail(w.seq, e))
+        for w in drafting:
+            events += self._verify(w)
         return [e for e in events if e is not None]
+
+    # ---------------------------------------------------------------- speculative decoding
+    def _drafts(self, seq: Sequence) -> bool:
+        """Whether this sequence drafts: a drafter, a greedy request, no structured-output constraint."""
+        return self.drafter is not None and seq.params.temperature == 0 and seq.sampler.constraint is None
+
+    def _fresh(self, seq: Sequence) -> bool:
+        """Whether the sequence holds the target's state at its last token (set by its last `_verify`)."""
+        return seq.draft_from is not None and seq.draft_from[2] == len(seq) - 1
+
+    def _propose(self) -> None:
+        """Before scheduling: the drafter proposes up to k tokens after the last token of each drafting sequence
+        whose last step verified (it holds that step's target state); they join its output as unverified
+        `drafts`, so that the step feeds them with the token they follow."""
+        from ..model.assistant import draft
+
+        for seq in self.scheduler.running:
+            if seq.uncomputed != 1 or not self._drafts(seq) or not self._fresh(seq):
+                continue
+            k = min(self.num_draft_tokens, seq.params.max_new_tokens - len(seq.output) - 1,
+                    self.scheduler.max_step_tokens - 1, min(self.cfg.max_position_embeddings, self.capacity) - len(seq) - 1)
+            if k <= 0 or not self._room(seq, k):
+                continue
+            hidden, kv, position = seq.draft_from
+            text = self.model.language_model
+            with torch.inference_mode():
+                token = torch.tensor([seq.output[-1] if seq.output else seq.prompt[-1]], device=hidden.device)
+                drafts = draft(self.drafter, text.embed, token, hidden, torch.tensor([[position]]), kv, k)
+            seq.output += drafts[0].tolist()
+            seq.drafts = k
+
+    def _room(self, seq: Sequence, k: int) -> bool:
+        """Whether the blocks for k more positions are free now: drafts never preempt a sequence, nor end one
+        that is alone and out of memory (the scheduler's "length")."""
+        need = -(-(len(seq) + k + 1) // self.block_size)
+        return all(need - len(seq.blocks[kind]) <= len(pool.free) for kind, pool in self.pools.items())
+
+    def _whole_drafts(self, work: list) -> list:
+        """A sequence's drafts are verified in one forward with the token they follow: where the scheduler
+        preempted it or split that run, the drafts are dropped (and it decodes its token alone)."""
+        for seq in self.sequences.values():
+            if not seq.drafts:
+                continue
+            item = next((w for w in work if w.seq is seq), None)
+            if item is not None and item.count == seq.drafts + 1 and item.start + item.count == len(seq):
+                continue
+            del seq.output[-seq.drafts:]
+            seq.drafts = 0
+            if seq.status is Status.RUNNING:
+                seq.computed = min(seq.computed, len(seq) - 1)
+            if item is not None:
+                work[work.index(item)] = Work(seq, seq.computed, len(seq) - seq.computed)
+        return work
+
+    def _verify(self, w) -> list[TokenEvent | None]:
+        """One forward over the sequence's last token and its k drafts (k may be 0: after a prefill, or where it
+        drafted none), sampling each position in turn: a draft is kept while it is the token the target chooses
+        there (greedy), and the target's token at the first mismatch, or after the last draft, comes as well.
+        So every token is the one plain decoding would have produced. The rejected drafts' K/V are forgotten
+        (Scheduler.rollback); the target's state at the last token kept is where the drafter starts next."""
+        seq, k = w.seq, w.seq.drafts
+        try:
+            logits, hidden, kv = self.worker.forward_with_kv(seq.token_range(w.start, w.start + w.count), w.start,
+                                                             seq.blocks, self._media(w), every_token=k > 0)
+        except Exception as e:
+            seq.drafts = 0
+            return [self.fail(seq, e)]
+        drafts = seq.output[len(seq.output) - k:]
+        del seq.output[len(seq.output) - k:]
+        self.draft_stats["drafted"] += k
+        for j in range(k):
+            self.draft_stats["drafted_at"][j] += 1
+        seq.drafts, seq.computed = 0, w.start + w.count - k - 1  # up to the token the drafts follow
+        events, T = [], len(logits)  # rows: every token fed (drafts to verify), or the last one
+        for i in range(T - k - 1, T):
+            try:
+                token, logprob, top = seq.sampler.sample(logits[i])
+            except Exception as e:
+                return events + [self.fail(seq, e)]
+            seq.computed += 1  # the token at row i: its K/V is the one this forward wrote
+            ev = self._emit(seq, token, logprob, top)
+            events.append(ev)
+            if ev.finish_reason is not None:
+                return events
+            j = i - (T - k - 1)  # the draft this token is checked against
+            if j >= k or token != drafts[j]:
+                break
+            self.draft_stats["accepted_at"][j] += 1
+            self.draft_stats["accepted"] += 1
+        self.scheduler.rollback(seq, self.worker.cache.copy_block)  # blocks past the tokens kept
+        self.scheduler.register_full_blocks(seq)
+        row = w.count - T + i  # the query row of the last token kept (its mask: the keys the drafter reads)
+        seq.draft_from = (hidden[:, i:i + 1], {kind: (K, V, mask[:, :, row:row + 1]) for kind, (K, V, mask) in kv.items()},
+                          len(seq) - 1)
+        return events
 
     def _decode(self, decodes) -> list[TokenEvent | None]:
         """One batched forward over the decodes; if it fails, each sequence alone, so that only the sequences
@@ -230,7 +348,10 @@ class Engine:
         self.scheduler.register_full_blocks(seq)
         if sampled is None:
             return None
-        token, logprob, top = sampled
+        return self._emit(seq, *sampled)
+
+    def _emit(self, seq: Sequence, token: int, logprob, top) -> TokenEvent:
+        """A new token of the sequence: appended, and the sequence finished if it is a stop or the limit."""
         seq.output.append(token)
         p = seq.params
         reason = "stop" if token in seq.stop_ids else \

@@ -29,6 +29,8 @@ class Sequence:
     finish_reason: str | None = None
     cancelled: bool = False
     arrival: int = 0  # admission order: the newest running sequence is preempted first
+    drafts: int = 0  # the last `drafts` tokens of output are a drafter's proposals, not verified yet
+    draft_from: tuple | None = None  # (target hidden [1, 1, E], {kind: (K, V, mask)}, position): drafting's start
 
     @property
     def tokens(self) -> list[int]:

@@ -19,15 +19,17 @@ from .kv import BatchIndex, PagedKVCache, cache_dtype
 
 
 def forward_step(model: Gemma4, cache: PagedKVCache, ids: torch.Tensor, index: BatchIndex, media=None,
-                 media_groups=None, logits: bool = True, return_kv: bool = False):
+                 media_groups=None, logits: bool = True, return_kv: bool = False, every_token: bool = False):
     """ids [B, T] at index.positions through the model over `cache`: the last token's logits [B, vocab] (None
-    unless `logits`); with `return_kv`, (logits, final hidden [B, 1, E], {kind: (K, V)}: see TextModel)."""
+    unless `logits`; `every_token`: every token's, [B, T, vocab], as a draft's verification needs); with
+    `return_kv`, (logits, final hidden [B, T', E], {kind: (K, V, mask)}: see TextModel)."""
     embeds, ple_ids = model.embed(ids, media)
     T = ids.shape[1]
     out = model.language_model(embeds, ple_ids, index.positions, cache=cache.bind(index, media_groups),
-                               keep=slice(T - 1, T), return_kv=return_kv)
+                               keep=slice(0 if every_token else T - 1, T), return_kv=return_kv)
     hidden, kv = out if return_kv else (out, None)
-    last = model.language_model.logits(hidden)[:, -1] if logits else None
+    last = None if not logits else model.language_model.logits(hidden) if every_token \
+        else model.language_model.logits(hidden)[:, -1]
     return (last, hidden, kv) if return_kv else last
 
 
@@ -84,6 +86,17 @@ class Worker:
             if text.ple_rows is not None:  # file reads (weights.FileRows): run between the step's graphs
                 text.ple_rows = torch.compiler.disable(text.ple_rows)
             self.decode_step = torch.compile(forward_step, dynamic=True)
+
+    def forward_with_kv(self, ids: list[int], start: int, table: dict, media=None, every_token: bool = False):
+        """One sequence's tokens at `start` (eagerly): (logits [T or 1, vocab], final hidden [1, T or 1, E],
+        {kind: (K, V, mask)}), what its drafter starts from (and, `every_token`, what verifies its drafts)."""
+        input_ids = torch.tensor([ids], device=self.model.device)
+        index = self.cache.index([start], len(ids), {kind: [table[kind]] for kind in self.kinds})
+        with torch.inference_mode():
+            groups = self.model.media_groups(input_ids) if media is not None else None
+            logits, hidden, kv = forward_step(self.model, self.cache, input_ids, index, media, groups,
+                                              return_kv=True, every_token=every_token)
+        return (logits[0] if every_token else logits), hidden, kv
 
     def forward(self, ids: list[list[int]], starts: list[int], tables: list[dict], media=None,
                 logits: bool = True) -> torch.Tensor | None:

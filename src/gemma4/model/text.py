@@ -307,8 +307,8 @@ class TextModel(nn.Module):
         without one, the T tokens attend among themselves (`key_valid`, `media_groups`: see SelfOnly).
         `keep`: a slice along T of the outputs wanted. KV-shared layers produce no K/V, so from the first of
         them on only the kept tokens are computed (the last prompt token in prefill). `return_kv`: also return
-        {kind: (K, V)} [B, K, S, D] of the last layer of each kind that computes its own K/V (what the MTP
-        drafters attend to).
+        {kind: (K, V [B, K, S, D], mask [B, 1, T, S])} of the last layer of each kind that computes its own K/V
+        (what the MTP drafters attend to).
         """
         cfg = self.cfg
         B, T, _ = embeds.shape
@@ -352,7 +352,7 @@ class TextModel(nn.Module):
                 k, v, mask = shared[spec.kv_source]
             else:
                 k, v, mask = layer.self_attn.kv(x_normed, cos, sin, cache, keys_rope)
-                last_kv[kind] = (k, v)
+                last_kv[kind] = (k, v, mask)
                 if i in self.donors:
                     shared[i] = (k, v, mask)
             p, ple[i] = ple[i], None

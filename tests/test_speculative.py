@@ -1,0 +1,170 @@
+"""Speculative decoding with MTP drafters in the engine: greedy output with drafting is token for token the
+output without, for every target shape, draft length, mixed batches and preemption."""
+import pytest
+import torch
+
+import gemma4
+from gemma4.engine.engine import Engine
+from gemma4.engine.sample import SamplingParams
+from gemma4.weights import load_assistant
+
+PROMPTS = [[2, 17, 300, 45], [2, 9, 8, 7, 6, 5, 4, 3, 100, 200, 300, 400, 11, 12, 13], [2, 77]]
+NEW = 14
+
+
+@pytest.fixture(scope="session")
+def pair(ckpt, tmp_path_factory):
+    """pair(shape) -> (target, drafter) in fp32: the tiny target and a tiny drafter made for it."""
+    import reference
+
+    made = {}
+
+    def make(shape):
+        if shape not in made:
+            path, _ = ckpt(shape)
+            out = str(tmp_path_factory.mktemp(f"{shape}-drafter"))
+            reference.build_drafter(shape, out, ordered=shape != "31b")
+            made[shape] = (gemma4.load(path, dtype="float32", device="cpu"),
+                           load_assistant(out, dtype="float32", device="cpu"))
+        return made[shape]
+
+    return make
+
+
+def run(engine, prompts=PROMPTS, new=NEW):
+    for i, p in enumerate(prompts):
+        engine.add(str(i), p, SamplingParams(max_new_tokens=new, stop_token_ids=()))
+    out = {str(i): [] for i in range(len(prompts))}
+    while engine.has_work():
+        for ev in engine.step():
+            if ev.token_id is not None:
+                out[ev.request_id].append(ev.token_id)
+    return [out[str(i)] for i in range(len(prompts))]
+
+
+def oracle(plain, wrong_every=3):
+    """A drafter stand-in that proposes the target's own greedy continuation (known from a plain run), every
+    `wrong_every`-th draft replaced by a wrong token: acceptance is high, and rejection still happens."""
+    calls = [0]
+
+    def draft(drafter, embed, token, hidden, positions, kv, k):
+        position = int(positions[0, 0])
+        for p, out in zip(PROMPTS, plain):
+            seq = p + out
+            if position < len(seq) and seq[position] == int(token[0]) and position >= len(p) - 1 \
+                    and seq[:position] == (p + out)[:position]:
+                nxt = (seq[position + 1:position + 1 + k] + [1] * k)[:k]
+                calls[0] += 1
+                if calls[0] % wrong_every == 0:
+                    nxt[-1] = (nxt[-1] + 1) % 512
+                return torch.tensor([nxt])
+        raise AssertionError("no known sequence at this position")
+
+    return draft
+
+
+@pytest.mark.parametrize("shape", ["e2b", "e4b", "26b", "31b"])
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_greedy_with_drafts_is_greedy(pair, shape, k):
+    """The tiny drafter (random: drafts mostly rejected) and an oracle drafter (mostly accepted): the same tokens
+    as plain greedy decoding, for three prompts of mixed lengths decoded together."""
+    target, drafter = pair(shape)
+    plain = run(Engine(target, block_size=4, max_step_tokens=64))
+    assert all(len(o) == NEW for o in plain)
+    engine = Engine(target, block_size=4, max_step_tokens=64, drafter=drafter, num_draft_tokens=k)
+    assert run(engine) == plain
+    assert engine.draft_stats["drafted"] >= 3 * (NEW // (k + 1))  # it drafted, each sequence, all along
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("gemma4.model.assistant.draft", oracle(plain))
+        engine = Engine(target, block_size=4, max_step_tokens=64, drafter=drafter, num_draft_tokens=k)
+        assert run(engine) == plain
+    stats = engine.draft_stats
+    assert stats["accepted"] > 0.5 * stats["drafted"] > 0 and stats["accepted"] < stats["drafted"]
+
+
+@pytest.mark.parametrize("max_step_tokens", [8, 3])
+def test_drafts_through_preemption_and_split_steps(pair, max_step_tokens):
+    """Little K/V memory (18 global blocks of 4 for three sequences of 52-65 tokens: preempted and recomputed),
+    and steps too small for a token and its 4 drafts (3: drafts dropped, the token decoded alone): still plain
+    greedy's tokens, and every block freed."""
+    target, drafter = pair("e2b")
+    plain = run(Engine(target, block_size=4, max_step_tokens=64), new=50)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("gemma4.model.assistant.draft", oracle(plain))
+        engine = Engine(target, kv_memory=60_000, block_size=4, max_seqs=3, max_step_tokens=max_step_tokens,
+                        drafter=drafter, num_draft_tokens=4)
+        assert run(engine, new=50) == plain
+    assert engine.scheduler.preemptions > 0 and engine.draft_stats["accepted"] > 0
+    assert engine.memory()["used_bytes"] == 0
+
+
+def test_stop_and_length_inside_an_accepted_run(pair):
+    """A stop token or the token limit reached among accepted drafts ends the sequence exactly there."""
+    target, drafter = pair("e2b")
+    plain = run(Engine(target, block_size=4, max_step_tokens=64))
+    stop = plain[0][5]
+    cut = plain[0][:plain[0].index(stop) + 1]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("gemma4.model.assistant.draft", oracle(plain, wrong_every=1000))
+        engine = Engine(target, block_size=4, drafter=drafter, num_draft_tokens=6)
+        engine.add("s", PROMPTS[0], SamplingParams(max_new_tokens=NEW, stop_token_ids=(stop,)))
+        engine.add("n", PROMPTS[1], SamplingParams(max_new_tokens=5, stop_token_ids=()))
+        out, reasons = {"s": [], "n": []}, {}
+        while engine.has_work():
+            for ev in engine.step():
+                if ev.token_id is not None:
+                    out[ev.request_id].append(ev.token_id)
+                if ev.finish_reason:
+                    reasons[ev.request_id] = ev.finish_reason
+    assert out == {"s": cut, "n": plain[1][:5]} and reasons == {"s": "stop", "n": "length"}
+    assert engine.draft_stats["accepted"] > 0 and engine.memory()["used_bytes"] == 0
+
+
+def test_bad_drafter_settings(pair, ckpt):
+    target, drafter = pair("e2b")
+    for k in (0, 9, 100, True, 2.0):
+        with pytest.raises(ValueError, match="num_draft_tokens must be an integer in \\[1, 8\\]"):
+            Engine(target, drafter=drafter, num_draft_tokens=k)
+    with pytest.raises(ValueError, match="num_draft_tokens needs a drafter"):
+        Engine(target, num_draft_tokens=2)
+    other, _ = pair("e4b")
+    with pytest.raises(ValueError, match="drafter layer 0 \\(sliding\\) has head dim 16 and 1 KV heads"):
+        Engine(other, drafter=drafter)
+
+
+@pytest.fixture(scope="module")
+def drafter_dir(ckpt, tmp_path_factory):
+    import reference
+
+    out = str(tmp_path_factory.mktemp("e2b-drafter-cli"))
+    reference.build_drafter("e2b", out)
+    return ckpt("e2b")[0], out
+
+
+def test_llm_with_a_draft_model(drafter_dir):
+    """gemma4.LLM(path, draft_model=...): greedy results as without it; sampled requests decode as before."""
+    path, drafter = drafter_dir
+    prompts = [[2, 17, 300, 45], [2, 77]]
+    plain = gemma4.LLM(path, dtype="float32", device="cpu").generate(prompts, max_new_tokens=10, temperature=0)
+    llm = gemma4.LLM(path, dtype="float32", device="cpu", draft_model=drafter, num_draft_tokens=3)
+    assert [r.token_ids for r in llm.generate(prompts, max_new_tokens=10, temperature=0)] == \
+        [r.token_ids for r in plain]
+    assert llm.engine.num_draft_tokens == 3 and llm.engine.draft_stats["drafted"] > 0
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--num-draft-tokens", "0"], "num_draft_tokens must be an integer in [1, 8] with a draft model, got 0"),
+    (["--num-draft-tokens", "100"], "num_draft_tokens must be an integer in [1, 8] with a draft model, got 100"),
+    (["--draft-model", "/nonexistent"], "draft model /nonexistent: no checkpoint directory at /nonexistent"),
+    (["--draft-model", "TARGET"], "draft model TARGET: not a Gemma 4 assistant (drafter) config: model_type"),
+])
+def test_draft_options_bad_input(drafter_dir, capsys, extra, message):
+    from gemma4.cli import main
+
+    path, drafter = drafter_dir
+    extra = [path if x == "TARGET" else x for x in extra]
+    if "--draft-model" not in extra:
+        extra += ["--draft-model", drafter]
+    assert main(["generate", "hi", "--model", path, "--max-new-tokens", "2", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message.replace("TARGET", path) in err and "Traceback" not in err
