@@ -168,3 +168,48 @@ def test_draft_options_bad_input(drafter_dir, capsys, extra, message):
     assert main(["generate", "hi", "--model", path, "--max-new-tokens", "2", *extra]) == 2
     err = capsys.readouterr().err
     assert message.replace("TARGET", path) in err and "Traceback" not in err
+
+
+# (p over a 4-token vocabulary, the draft): the draft likely, unlikely, impossible (top-k drops it), and the
+# case the reference gets wrong (p = [.5, .5], the draft token 0: its 83% instead of 50%)
+SAMPLED_CASES = [([0.5, 0.5, 0.0, 0.0], 0), ([0.1, 0.2, 0.3, 0.4], 3), ([0.1, 0.2, 0.3, 0.4], 0),
+                 ([0.05, 0.05, 0.6, 0.3], 1)]
+
+
+@pytest.mark.parametrize("probs,draft", SAMPLED_CASES)
+def test_rejection_sampling_keeps_the_distribution(probs, draft):
+    """Sampler.sample(logits, draft): the token's distribution is p whatever the draft (total-variation
+    distance to p shrinking like 1/sqrt(n): < 0.02 at 20,000 draws), where accepting the argmax draft with
+    probability p/q and resampling from p (the reference) is biased."""
+    from gemma4.engine.sample import Sampler
+
+    logits = torch.log(torch.tensor(probs + [0.0] * 60))
+    for top_k in (None, 3):
+        sampler = Sampler(SamplingParams(temperature=1.0, seed=0, top_k=top_k))
+        target = torch.tensor(probs)
+        if top_k:  # the 3 most likely, renormalised
+            target = torch.where(target >= target.topk(3).values[-1], target, 0.0)
+            target = target / target.sum()
+        n = 20_000
+        counts = torch.bincount(torch.tensor([sampler.sample(logits, draft)[0] for _ in range(n)]), minlength=64)
+        assert counts[4:].sum() == 0
+        tv = 0.5 * (counts[:4] / n - target).abs().sum()
+        assert tv < 0.02, (top_k, counts[:4].tolist())
+
+
+def test_sampled_requests_draft_and_finish(pair):
+    """Sampled requests draft too (seeded: the same tokens every run), within their limits."""
+    target, drafter = pair("e2b")
+    outs = []
+    for _ in range(2):
+        engine = Engine(target, block_size=4, drafter=drafter, num_draft_tokens=3)
+        for i, p in enumerate(PROMPTS):
+            engine.add(str(i), p, SamplingParams(max_new_tokens=NEW, temperature=0.8, seed=i, stop_token_ids=()))
+        out = {str(i): [] for i in range(len(PROMPTS))}
+        while engine.has_work():
+            for ev in engine.step():
+                if ev.token_id is not None:
+                    out[ev.request_id].append(ev.token_id)
+        outs.append(out)
+        assert engine.draft_stats["drafted"] > 0 and engine.memory()["used_bytes"] == 0
+    assert outs[0] == outs[1] and all(len(o) == NEW for o in outs[0].values())

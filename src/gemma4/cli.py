@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     def draft_options(p):
-        p.add_argument("--draft-model", help="the model's MTP assistant (directory or hub id): greedy requests "
+        p.add_argument("--draft-model", help="the model's MTP assistant (directory or hub id): requests "
                                              "draft tokens with it, verified by the model (same output, faster)")
         p.add_argument("--num-draft-tokens", type=int,
                        help="tokens drafted a step, 1-8 (default: E2B 2, the others 4)")

@@ -77,10 +77,11 @@ class LLM:
         of free memory on a GPU), `max_seqs` sequences at once, `prefill_chunk` tokens per step; `compile`:
         torch.compile its decode step (a minute or two once, then faster steps); `cuda_graphs`: replay decode
         steps as CUDA graphs (default: on a GPU, where the model allows). `draft_model`: the model's MTP
-        assistant (directory or hub id): greedy requests draft `num_draft_tokens` tokens a step with it
-        (default: E2B 2, the others 4) and verify them in one forward, with output identical to plain decoding."""
-        if num_draft_tokens is not None and (draft_model is None or isinstance(num_draft_tokens, bool)
-                                             or not isinstance(num_draft_tokens, int) or not 1 <= num_draft_tokens <= 8):
+        assistant (directory or hub id): requests draft `num_draft_tokens` tokens a step with it
+        (default: E2B 2, the others 4) and verify them in one forward: greedy output identical to plain decoding,
+        sampled output with its distribution (exact rejection sampling)."""
+        if num_draft_tokens is not None and (draft_model is None or isinstance(num_draft_tokens, bool) or
+                                             not isinstance(num_draft_tokens, int) or not 1 <= num_draft_tokens <= 8):
             raise ValueError(f"num_draft_tokens must be an integer in [1, 8] with a draft model, got "
                              f"{num_draft_tokens!r}{'' if draft_model is not None else ' without one'}")
         self.engine_options = dict(kv_memory=kv_memory, max_seqs=max_seqs, max_step_tokens=prefill_chunk,

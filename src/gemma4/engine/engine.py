@@ -61,8 +61,8 @@ class Engine:
         sequences at once; `max_step_tokens` per step; `stop_ids` where a request gives none; `compile`,
         `cuda_graphs`: see engine/worker.py; `max_rollback`: computed tokens `rollback` takes back without
         recomputing (sliding layers keep that many positions behind their window). `drafter`: an MTP assistant
-        (model.assistant, weights.load_assistant) made for this model: greedy requests then draft
-        `num_draft_tokens` tokens a step (default: E2B 2, the others 4, as vLLM's recipes; at most
+        (model.assistant, weights.load_assistant) made for this model: requests without a grammar then
+        draft `num_draft_tokens` tokens a step (default: E2B 2, the others 4, as vLLM's recipes; at most
         max_rollback) and verify them in one forward (see `_verify`)."""
         cfg = model.config.text
         if block_size <= 0 or max_seqs <= 0 or max_step_tokens <= 0 or max_rollback < 0:
@@ -214,8 +214,9 @@ class Engine:
 
     # ---------------------------------------------------------------- speculative decoding
     def _drafts(self, seq: Sequence) -> bool:
-        """Whether this sequence drafts: a drafter, a greedy request, no structured-output constraint."""
-        return self.drafter is not None and seq.params.temperature == 0 and seq.sampler.constraint is None
+        """Whether this sequence drafts: a drafter, and no structured-output constraint (its grammar state
+        would have to follow the drafts)."""
+        return self.drafter is not None and seq.sampler.constraint is None
 
     def _fresh(self, seq: Sequence) -> bool:
         """Whether the sequence holds the target's state at its last token (set by its last `_verify`)."""
@@ -267,9 +268,10 @@ class Engine:
 
     def _verify(self, w) -> list[TokenEvent | None]:
         """One forward over the sequence's last token and its k drafts (k may be 0: after a prefill, or where it
-        drafted none), sampling each position in turn: a draft is kept while it is the token the target chooses
-        there (greedy), and the target's token at the first mismatch, or after the last draft, comes as well.
-        So every token is the one plain decoding would have produced. The rejected drafts' K/V are forgotten
+        drafted none), sampling each position in turn: a draft is kept while the sampler keeps it (greedy: it is
+        the argmax; sampling: exact rejection, see Sampler.sample), and the token sampled at the first rejection,
+        or after the last draft, comes as well. So greedy tokens are plain decoding's, and sampled ones have its
+        distribution. The rejected drafts' K/V are forgotten
         (Scheduler.rollback); the target's state at the last token kept is where the drafter starts next."""
         seq, k = w.seq, w.seq.drafts
         try:
@@ -286,8 +288,9 @@ class Engine:
         seq.drafts, seq.computed = 0, w.start + w.count - k - 1  # up to the token the drafts follow
         events, T = [], len(logits)  # rows: every token fed (drafts to verify), or the last one
         for i in range(T - k - 1, T):
+            j = i - (T - k - 1)  # the draft this row's token is checked against (none past the last)
             try:
-                token, logprob, top = seq.sampler.sample(logits[i])
+                token, logprob, top = seq.sampler.sample(logits[i], drafts[j] if j < k else None)
             except Exception as e:
                 return events + [self.fail(seq, e)]
             seq.computed += 1  # the token at row i: its K/V is the one this forward wrote
@@ -295,7 +298,6 @@ class Engine:
             events.append(ev)
             if ev.finish_reason is not None:
                 return events
-            j = i - (T - k - 1)  # the draft this token is checked against
             if j >= k or token != drafts[j]:
                 break
             self.draft_stats["accepted_at"][j] += 1

@@ -147,9 +147,13 @@ class Sampler:
         if self.constraint is not None:
             self.constraint.rollback(k)
 
-    def sample(self, logits: torch.Tensor) -> tuple[int, float | None, list[tuple[int, float]] | None]:
+    def sample(self, logits: torch.Tensor, draft: int | None = None) -> tuple[int, float | None,
+                                                                               list[tuple[int, float]] | None]:
         """logits [vocab] -> (token id, its log-probability, the top-k (id, log-probability)) where the
-        params ask for logprobs (of the model's distribution, before penalties and masks, as vLLM reports)."""
+        params ask for logprobs (of the model's distribution, before penalties and masks, as vLLM reports).
+        `draft`: a token a drafter proposed here (its argmax: q = one-hot), verified by exact rejection
+        sampling: kept with probability p(draft), else a token drawn from p without it. The token comes out
+        with probability p, as without a draft (greedy: the argmax, whatever the draft)."""
         p = self.params
         logits = logits.float().cpu()  # may be the caller's own tensor (an inference tensor): never written
         logprob = top = None
@@ -186,7 +190,12 @@ class Sampler:
                 probs[order[drop]] = 0
             if p.min_p:
                 probs[probs < p.min_p * probs.max()] = 0
-            token = int(torch.multinomial(probs, 1, generator=self.generator))
+            if draft is not None and float(torch.rand((), generator=self.generator)) < float(probs[draft]):
+                token = draft
+            else:
+                if draft is not None:
+                    probs[draft] = 0  # rejected: p(x) - q(x) < 0 there, p(y) - 0 elsewhere
+                token = int(torch.multinomial(probs, 1, generator=self.generator))
         self.seen.add(token)
         if self.constraint is not None:
             self.constraint.accept(token)
