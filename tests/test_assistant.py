@@ -10,7 +10,7 @@ from gemma4.config import ConfigError
 from gemma4.model.assistant import TARGET, parse_assistant_config
 from gemma4.weights import CheckpointError, load_assistant
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "gemma4", "configs")
+CONFIGS = os.path.join(os.path.dirname(__file__), "data", "configs")  # the published configs (copied)
 
 # (name, backbone width, centroid head, head dims sliding / full, KV heads): E2B's drafter (centroids), 31B's
 # (full LM head, 2 KV heads)
@@ -75,7 +75,7 @@ def test_drafter_matches_the_reference(tmp_path, name, backbone, ordered, head_d
 def test_published_drafter_configs_parse():
     """The published drafters' configs: E2B / E4B with the centroid head, 31B with the full LM head."""
     for name, backbone, ordered in (("e2b", 1536, True), ("e4b", 2560, True), ("31b", 5376, False)):
-        with open(os.path.join(SHARED, f"gemma-4-{name}-assistant", "config.json")) as f:
+        with open(os.path.join(CONFIGS, f"gemma-4-{name}-assistant", "config.json")) as f:
             cfg = parse_assistant_config(json.load(f))
         assert (cfg.backbone_hidden_size, cfg.use_ordered_embeddings) == (backbone, ordered)
         assert cfg.text.num_layers == 4 and all(s.kv_source == TARGET for s in cfg.text.layers)
@@ -90,7 +90,7 @@ def test_published_drafter_configs_parse():
     ({"text_config": {"hidden_size_per_layer_input": 256}}, "hidden_size_per_layer_input must be 0"),
 ])
 def test_bad_drafter_configs(change, message):
-    with open(os.path.join(SHARED, "gemma-4-e2b-assistant", "config.json")) as f:
+    with open(os.path.join(CONFIGS, "gemma-4-e2b-assistant", "config.json")) as f:
         cfg = json.load(f)
     for key, value in change.items():
         cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
@@ -147,7 +147,7 @@ def published(name):
     name = name if name.startswith("gemma-4-") else f"gemma-4-{name}"
     from gemma4.config import load_config
 
-    path = os.path.join(SHARED, name)
+    path = os.path.join(CONFIGS, name)
     if name.endswith("assistant"):
         with open(os.path.join(path, "config.json")) as f:
             return parse_assistant_config(json.load(f))

@@ -73,7 +73,8 @@ def test_greedy_with_drafts_is_greedy(pair, shape, k):
     assert all(len(o) == NEW for o in plain)
     engine = Engine(target, block_size=4, max_step_tokens=64, drafter=drafter, num_draft_tokens=k)
     assert run(engine) == plain
-    assert engine.draft_stats["drafted"] >= 3 * (NEW // (k + 1))  # it drafted, each sequence, all along
+    # it drafted, and backed off as its drafts were rejected (k, then 4, 2, 1, 1 at most: see MIN_REACH)
+    assert 3 <= engine.draft_stats["drafted"] <= 3 * (k + 8)
     with pytest.MonkeyPatch.context() as m:
         m.setattr("gemma4.model.assistant.draft", oracle(plain))
         engine = Engine(target, block_size=4, max_step_tokens=64, drafter=drafter, num_draft_tokens=k)
@@ -213,3 +214,26 @@ def test_sampled_requests_draft_and_finish(pair):
         outs.append(out)
         assert engine.draft_stats["drafted"] > 0 and engine.memory()["used_bytes"] == 0
     assert outs[0] == outs[1] and all(len(o) == NEW for o in outs[0].values())
+
+
+def test_drafting_backs_off_and_probes(pair, monkeypatch):
+    """A drafter whose drafts are all rejected: the draft length falls (k, then fewer: MIN_REACH) to none,
+    then one draft every PROBE_EVERY steps; one that is always right keeps drafting k."""
+    import gemma4.engine.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PROBE_EVERY", 4)
+    target, drafter = pair("e2b")
+    plain = run(Engine(target, block_size=4, max_step_tokens=64), prompts=PROMPTS[:1], new=40)
+    engine = Engine(target, block_size=4, max_step_tokens=64, drafter=drafter, num_draft_tokens=4)
+    sizes = []
+    real = engine._verify
+    monkeypatch.setattr(engine, "_verify", lambda w: sizes.append(w.seq.drafts) or real(w))
+    assert run(engine, prompts=PROMPTS[:1], new=40) == plain
+    drafted = [n for n in sizes if n]
+    assert drafted[:5] == [4, 4, 2, 1, 1] and set(drafted[5:]) == {1} and len(drafted) > 6  # back off, probe
+    assert engine.draft_stats["accepted"] == 0
+    with monkeypatch.context() as m:
+        m.setattr("gemma4.model.assistant.draft", oracle(plain, wrong_every=10**6))
+        engine = Engine(target, block_size=4, max_step_tokens=64, drafter=drafter, num_draft_tokens=4)
+        assert run(engine, prompts=PROMPTS[:1], new=40) == plain
+    assert engine.draft_stats["drafted"] == engine.draft_stats["accepted"] > 30

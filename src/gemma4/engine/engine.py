@@ -33,6 +33,12 @@ from .worker import Worker
 
 log = logging.getLogger("gemma4.engine")
 
+# Adaptive draft length: draft n tokens while the n-th would still be kept with probability >= MIN_REACH (drafts
+# kept with probability a each: a^n); none below that, but one every PROBE_EVERY steps, to notice acceptance
+# coming back. Verifying k drafts costs more than a decode step (E2B bf16, k = 4: 1.4x), so a sequence whose
+# drafts are rejected must stop drafting: bench_speculative.py, acceptance 0.
+MIN_REACH, PROBE_EVERY, ACCEPTANCE_WEIGHT = 0.2, 16, 0.3
+
 
 @dataclass
 class TokenEvent:
@@ -193,8 +199,9 @@ class Engine:
         work = self._whole_drafts(self.scheduler.schedule())
         events = [TokenEvent(rid, None, self.sequences.pop(rid).finish_reason) for rid in before
                   if self.sequences[rid].status is Status.FINISHED]
+        # (a single token goes through _verify to keep the target's state where the next step drafts)
         drafting = [w for w in work if self._drafts(w.seq) and w.start + w.count == len(w.seq)
-                    and (w.count > 1 or not self._fresh(w.seq))]
+                    and (w.count > 1 or not self._fresh(w.seq) and self._planned(w.seq) > 0)]
         decodes = [w for w in work if w.count == 1 and w.start == len(w.seq) - 1 and w not in drafting]
         chunks = [w for w in work if w not in decodes and w not in drafting]
         if decodes:
@@ -222,6 +229,14 @@ class Engine:
         """Whether the sequence holds the target's state at its last token (set by its last `_verify`)."""
         return seq.draft_from is not None and seq.draft_from[2] == len(seq) - 1
 
+    def _planned(self, seq: Sequence) -> int:
+        """Drafts worth making this step: as many as the acceptance seen so far says would be kept (MIN_REACH),
+        or one to probe after PROBE_EVERY steps without."""
+        n = 0
+        while n < self.num_draft_tokens and seq.acceptance ** (n + 1) >= MIN_REACH:
+            n += 1
+        return n if n or seq.plain_steps < PROBE_EVERY else 1
+
     def _propose(self) -> None:
         """Before scheduling: the drafter proposes up to k tokens after the last token of each drafting sequence
         whose last step verified (it holds that step's target state); they join its output as unverified
@@ -229,12 +244,14 @@ class Engine:
         from ..model.assistant import draft
 
         for seq in self.scheduler.running:
-            if seq.uncomputed != 1 or not self._drafts(seq) or not self._fresh(seq):
+            if seq.uncomputed != 1 or not self._drafts(seq):
                 continue
-            k = min(self.num_draft_tokens, seq.params.max_new_tokens - len(seq.output) - 1,
+            k = min(self._planned(seq), seq.params.max_new_tokens - len(seq.output) - 1,
                     self.scheduler.max_step_tokens - 1, min(self.cfg.max_position_embeddings, self.capacity) - len(seq) - 1)
-            if k <= 0 or not self._room(seq, k):
+            if k <= 0 or not self._fresh(seq) or not self._room(seq, k):
+                seq.plain_steps += 1
                 continue
+            seq.plain_steps = 0
             hidden, kv, position = seq.draft_from
             text = self.model.language_model
             with torch.inference_mode():
@@ -302,6 +319,9 @@ class Engine:
                 break
             self.draft_stats["accepted_at"][j] += 1
             self.draft_stats["accepted"] += 1
+        if k:  # the share of the drafts checked that were kept (a rejection ends the checking)
+            seen = j / (j + (j < k))
+            seq.acceptance += ACCEPTANCE_WEIGHT * (seen - seq.acceptance)
         self.scheduler.rollback(seq, self.worker.cache.copy_block)  # blocks past the tokens kept
         self.scheduler.register_full_blocks(seq)
         row = w.count - T + i  # the query row of the last token kept (its mask: the keys the drafter reads)

@@ -31,6 +31,8 @@ class Sequence:
     arrival: int = 0  # admission order: the newest running sequence is preempted first
     drafts: int = 0  # the last `drafts` tokens of output are a drafter's proposals, not verified yet
     draft_from: tuple | None = None  # (target hidden [1, 1, E], {kind: (K, V, mask)}, position): drafting's start
+    acceptance: float = 1.0  # running estimate of the chance that a draft is kept (engine: how many to draft)
+    plain_steps: int = 0  # steps decoded without drafts since the last drafting one
 
     @property
     def tokens(self) -> list[int]:
