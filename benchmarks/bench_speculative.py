@@ -6,7 +6,8 @@ and tok/s at forced acceptance (full-size E2B with random weights, and its draft
 
 Random weights draft nothing the target agrees with, so acceptance is forced (benchmark only, and labelled so):
 the drafter runs as usual, and the verification keeps each draft with probability A as if the target had
-chosen it. A draft is kept only while every one before it was, so the share of drafts kept is below A. Prints, per target: plain decode tok/s; the cost of a draft step and of a k+1-token
+chosen it. A draft is kept only while every one before it was, so the share of drafts kept is below A.
+Prints, per target: plain decode tok/s; the cost of a draft step and of a k+1-token
 verification relative to a decode step; tok/s and tokens per verification at A = 0, 0.5, 0.8, 1; and the
 speed-up predicted from those costs at the per-position acceptance rates published for Gemma 4 (0.84, 0.60,
 0.39, 0.27 for drafts 1-4).
@@ -81,7 +82,8 @@ def worker(args) -> dict:
     # The product: adaptive draft length, the random drafter's drafts rejected (acceptance 0).
     engine = Engine(model, max_step_tokens=1024, drafter=drafter, num_draft_tokens=args.k)
     tokens, tok_s = generate(engine, args.steps)
-    result["adaptive_a0"] = dict(tok_s=tok_s, drafted=engine.draft_stats["drafted"], same=first_difference(tokens, plain))
+    result["adaptive_a0"] = dict(tok_s=tok_s, drafted=engine.draft_stats["drafted"],
+                                 same=first_difference(tokens, plain))
 
     # Fixed k (adaptivity off): the mechanism's own cost at forced acceptance A. Each draft (the real drafter's)
     # is kept with probability A as if the target had chosen it (a benchmark-only substitution in the sampler),
@@ -172,7 +174,7 @@ def main():
     print(f"\nE2B + its drafter (random weights), {args.threads} threads, prompt {args.prompt_len}, {args.steps} "
           f"greedy tokens, k = {args.k}; CPU: {hardware.cpu().name}\n")
     print("| target | plain tok/s | adaptive, acceptance 0 | draft step / decode | verify k+1 / decode | "
-          "fixed k: A=0 | A=0.5 | A=0.8 | A=1 | predicted (published acceptance) |\n|---|---|---|---|---|---|---|---|---|---|")
+          "fixed k: A=0 | A=0.5 | A=0.8 | A=1 | predicted (published acceptance) |\n" + "|---" * 10 + "|")
     for r in rows:
         a0 = r["adaptive_a0"]
         forced = " | ".join(f"{f['tok_s']:.2f} ({f['tok_s'] / r['plain_tok_s']:.2f}x, {f['per_verify']:.2f} tok/verify)"

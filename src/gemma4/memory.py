@@ -100,7 +100,7 @@ def hugepages() -> bool:
 
 
 def hugepage_tensor(nbytes: int):
-    """A uint8 tensor of nbytes of zeroed uint8 in an anonymous mapping advised for huge pages, starting on a 2 MB boundary.
+    """A uint8 tensor of nbytes, zeroed, in an anonymous mapping advised for huge pages, from a 2 MB boundary.
     Pages become resident as they are written."""
     import torch
 

@@ -82,11 +82,11 @@ class Engine:
             if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= max_rollback:
                 raise ValueError(f"num_draft_tokens must be an integer in [1, {max_rollback}], got {k!r}")
             self.num_draft_tokens = k
-        # drafts proposed, accepted, and accepted at each draft position (1st, 2nd, ...): for /metrics and tests
+        elif num_draft_tokens is not None:
+            raise ValueError("num_draft_tokens needs a drafter (draft_model)")
+        # drafts verified and accepted, in all and at each draft position (1st, 2nd, ...): for /metrics and tests
         self.draft_stats = {"drafted": 0, "accepted": 0, "accepted_at": [0] * self.num_draft_tokens,
                             "drafted_at": [0] * self.num_draft_tokens}
-        if drafter is None and num_draft_tokens is not None:
-            raise ValueError("num_draft_tokens needs a drafter (draft_model)")
         self.model, self.cfg, self.block_size, self.default_stop = model, cfg, block_size, frozenset(stop_ids)
         dsize = cache_dtype(model).itemsize
         sizes = {k: block_bytes(cfg, k, block_size, dsize) for k in KINDS}
@@ -246,8 +246,9 @@ class Engine:
         for seq in self.scheduler.running:
             if seq.uncomputed != 1 or not self._drafts(seq):
                 continue
+            room = min(self.cfg.max_position_embeddings, self.capacity) - len(seq) - 1
             k = min(self._planned(seq), seq.params.max_new_tokens - len(seq.output) - 1,
-                    self.scheduler.max_step_tokens - 1, min(self.cfg.max_position_embeddings, self.capacity) - len(seq) - 1)
+                    self.scheduler.max_step_tokens - 1, room)
             if k <= 0 or not self._fresh(seq) or not self._room(seq, k):
                 seq.plain_steps += 1
                 continue
@@ -255,7 +256,7 @@ class Engine:
             hidden, kv, position = seq.draft_from
             text = self.model.language_model
             with torch.inference_mode():
-                token = torch.tensor([seq.output[-1] if seq.output else seq.prompt[-1]], device=hidden.device)
+                token = torch.tensor(seq.token_range(len(seq) - 1, len(seq)), device=hidden.device)
                 drafts = draft(self.drafter, text.embed, token, hidden, torch.tensor([[position]]), kv, k)
             seq.output += drafts[0].tolist()
             seq.drafts = k
@@ -288,8 +289,8 @@ class Engine:
         drafted none), sampling each position in turn: a draft is kept while the sampler keeps it (greedy: it is
         the argmax; sampling: exact rejection, see Sampler.sample), and the token sampled at the first rejection,
         or after the last draft, comes as well. So greedy tokens are plain decoding's, and sampled ones have its
-        distribution. The rejected drafts' K/V are forgotten
-        (Scheduler.rollback); the target's state at the last token kept is where the drafter starts next."""
+        distribution. The rejected drafts' K/V are forgotten (Scheduler.rollback); the target's state at the
+        last token kept is where the drafter starts next."""
         seq, k = w.seq, w.seq.drafts
         try:
             logits, hidden, kv = self.worker.forward_with_kv(seq.token_range(w.start, w.start + w.count), w.start,
@@ -325,8 +326,8 @@ class Engine:
         self.scheduler.rollback(seq, self.worker.cache.copy_block)  # blocks past the tokens kept
         self.scheduler.register_full_blocks(seq)
         row = w.count - T + i  # the query row of the last token kept (its mask: the keys the drafter reads)
-        seq.draft_from = (hidden[:, i:i + 1], {kind: (K, V, mask[:, :, row:row + 1]) for kind, (K, V, mask) in kv.items()},
-                          len(seq) - 1)
+        state = {kind: (K, V, mask[:, :, row:row + 1]) for kind, (K, V, mask) in kv.items()}
+        seq.draft_from = (hidden[:, i:i + 1], state, len(seq) - 1)
         return events
 
     def _decode(self, decodes) -> list[TokenEvent | None]:
