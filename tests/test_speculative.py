@@ -223,3 +223,25 @@ def test_drafting_backs_off_and_probes(pair, monkeypatch):
         engine = Engine(target, block_size=4, max_step_tokens=64, drafter=drafter, num_draft_tokens=4)
         assert run(engine, prompts=PROMPTS[:1], new=40) == plain
     assert engine.draft_stats["drafted"] == engine.draft_stats["accepted"] > 30
+
+
+def test_metrics_report_drafts(drafter_dir):
+    """/metrics: drafted and accepted tokens, in all and per draft position (as vLLM's spec_decode counters)."""
+    from gemma4.server.service import Service
+
+    path, drafter = drafter_dir
+    llm = gemma4.LLM(path, dtype="float32", device="cpu", draft_model=drafter, num_draft_tokens=2)
+    llm.generate([[2, 17, 300, 45]], max_new_tokens=8, temperature=0)
+    stats = llm.engine.draft_stats
+    service = Service(llm, "m")
+    try:
+        text = service.metrics()
+    finally:
+        service.engine.stop()
+    assert f"gemma4_spec_decode_num_draft_tokens_total {stats['drafted']}\n" in text and stats["drafted"] > 0
+    assert f"gemma4_spec_decode_num_accepted_tokens_total {stats['accepted']}\n" in text
+    for i in range(2):
+        assert f'gemma4_spec_decode_num_draft_tokens_per_pos_total{{position="{i}"}} {stats["drafted_at"][i]}\n' \
+            in text
+        assert f'gemma4_spec_decode_num_accepted_tokens_per_pos_total{{position="{i}"}} {stats["accepted_at"][i]}' \
+            in text

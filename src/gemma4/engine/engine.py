@@ -165,10 +165,11 @@ class Engine:
 
     def stats(self) -> dict:
         """What servers report and admit by: sequences running and waiting, preemptions and prompt tokens taken
-        from the prefix cache so far, and K/V memory (`memory`)."""
+        from the prefix cache so far, K/V memory (`memory`), and with a drafter its counts (`draft_stats`)."""
         sched = self.scheduler
         return {"running": len(sched.running), "waiting": len(sched.waiting), "preemptions": sched.preemptions,
-                "cached_prompt_tokens": sched.cached_tokens, "memory": self.memory()}
+                "cached_prompt_tokens": sched.cached_tokens, "memory": self.memory(),
+                "drafts": self.draft_stats if self.drafter is not None else None}
 
     def rollback(self, request_id: str, k: int) -> None:
         """Take back the sequence's last k tokens (rejected drafts): it goes on as if it had never seen them.

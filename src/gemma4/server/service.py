@@ -267,4 +267,12 @@ class Service:
                   f"gemma4_preemptions_total {stats['preemptions']}",
                   f"gemma4_prefix_cache_tokens_total {stats['cached_prompt_tokens']}",
                   f"gemma4_media_jobs {self.media_jobs}"]
+        drafts = stats["drafts"]
+        if drafts is not None:  # speculative decoding, named after vLLM's spec_decode counters
+            lines += [f"gemma4_spec_decode_num_draft_tokens_total {drafts['drafted']}",
+                      f"gemma4_spec_decode_num_accepted_tokens_total {drafts['accepted']}"]
+            lines += [f'gemma4_spec_decode_num_accepted_tokens_per_pos_total{{position="{i}"}} {n}'
+                      for i, n in enumerate(drafts["accepted_at"])]
+            lines += [f'gemma4_spec_decode_num_draft_tokens_per_pos_total{{position="{i}"}} {n}'
+                      for i, n in enumerate(drafts["drafted_at"])]
         return "\n".join(lines) + "\n"
