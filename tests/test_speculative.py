@@ -245,3 +245,30 @@ def test_metrics_report_drafts(drafter_dir):
             in text
         assert f'gemma4_spec_decode_num_accepted_tokens_per_pos_total{{position="{i}"}} {stats["accepted_at"][i]}' \
             in text
+
+
+def test_a_failing_request_leaves_the_others(pair):
+    """One drafting request whose sampling fails mid-verification ends alone ("error", its blocks freed); the
+    requests beside it go on to plain greedy's tokens."""
+    from gemma4.engine.sample import Sampler
+
+    target, drafter = pair("e2b")
+    plain = run(Engine(target, block_size=4, max_step_tokens=64))
+    real, calls = Sampler.sample, [0]
+
+    def sample(self, logits, draft=None):
+        if 400 in self.seen:  # request "1" (its prompt alone holds 400)
+            calls[0] += 1
+            if calls[0] == 6:
+                raise ValueError("this request's own sampler broke")
+        return real(self, logits, draft)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("gemma4.model.assistant.draft", oracle(plain))
+        m.setattr(Sampler, "sample", sample)
+        engine = Engine(target, block_size=4, max_step_tokens=64, drafter=drafter, num_draft_tokens=3)
+        out, reasons = run_requests(engine, {str(i): (p, SamplingParams(max_new_tokens=NEW, stop_token_ids=()))
+                                             for i, p in enumerate(PROMPTS)})
+    assert reasons == {"0": "length", "1": "error", "2": "length"} and calls[0] == 6
+    assert out["0"] == plain[0] and out["2"] == plain[2] and out["1"] == plain[1][:len(out["1"])]
+    assert engine.draft_stats["accepted"] > 0
