@@ -272,3 +272,32 @@ def test_a_failing_request_leaves_the_others(pair):
     assert reasons == {"0": "length", "1": "error", "2": "length"} and calls[0] == 6
     assert out["0"] == plain[0] and out["2"] == plain[2] and out["1"] == plain[1][:len(out["1"])]
     assert engine.draft_stats["accepted"] > 0
+
+
+def test_requests_can_opt_out(pair, drafter_dir):
+    """`speculative=False` (SamplingParams, LLM keywords, the API's "speculative": false): that request decodes
+    token by token beside drafting ones; a non-boolean is one clear error."""
+    target, drafter = pair("e2b")
+    plain = run(Engine(target, block_size=4, max_step_tokens=64))
+    engine = Engine(target, block_size=4, drafter=drafter, num_draft_tokens=3)
+    out, _ = run_requests(engine, {"0": (PROMPTS[0], SamplingParams(max_new_tokens=NEW, stop_token_ids=(),
+                                                                    speculative=False))})
+    assert out["0"] == plain[0] and engine.draft_stats["drafted"] == 0
+    with pytest.raises(ValueError, match="speculative must be true or false, got 'no'"):
+        SamplingParams(speculative="no")
+
+    from fastapi.testclient import TestClient
+
+    from gemma4.server.app import create_app
+
+    path, drafter_path = drafter_dir
+    llm = gemma4.LLM(path, dtype="float32", device="cpu", draft_model=drafter_path, num_draft_tokens=2)
+    with TestClient(create_app(llm, "m")) as http:
+        body = {"model": "m", "prompt": [2, 17, 300, 45], "max_tokens": 6, "temperature": 0}
+        r = http.post("/v1/completions", json={**body, "speculative": False})
+        assert r.status_code == 200 and llm.engine.draft_stats["drafted"] == 0
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 200 and llm.engine.draft_stats["drafted"] > 0
+        r = http.post("/v1/completions", json={**body, "speculative": "no"})
+        assert r.status_code == 400 and "speculative" in r.text
+    llm.engine.stepper.stop()

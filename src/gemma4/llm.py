@@ -196,8 +196,9 @@ class LLM:
     def generate_stream(self, prompt_token_ids: list[list[int]], max_new_tokens: int = 256,
                         **sampling) -> Iterator[StreamEvent]:
         """Yield each new token as soon as it is sampled, with the text it completes. Sampling keywords:
-        temperature (0 = greedy), top_k, top_p, min_p, repetition_penalty, seed, stop_token_ids; each left out
-        takes the checkpoint's generation_config.json default."""
+        temperature (0 = greedy), top_k, top_p, min_p, repetition_penalty, seed, stop_token_ids, speculative
+        (False: no drafting for these prompts); each left out takes the checkpoint's generation_config.json
+        default."""
         if not isinstance(prompt_token_ids, (list, tuple)) or not prompt_token_ids \
                 or not all(isinstance(p, (list, tuple)) for p in prompt_token_ids):
             raise ValueError("prompt_token_ids must be a non-empty list of prompts, each a list of token ids")

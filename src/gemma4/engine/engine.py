@@ -222,9 +222,9 @@ class Engine:
 
     # ---------------------------------------------------------------- speculative decoding
     def _drafts(self, seq: Sequence) -> bool:
-        """Whether this sequence drafts: a drafter, and no structured-output constraint (its grammar state
-        would have to follow the drafts)."""
-        return self.drafter is not None and seq.sampler.constraint is None
+        """Whether this sequence drafts: a drafter, the request did not opt out, and no structured-output
+        constraint (its grammar state would have to follow the drafts)."""
+        return self.drafter is not None and seq.params.speculative and seq.sampler.constraint is None
 
     def _fresh(self, seq: Sequence) -> bool:
         """Whether the sequence holds the target's state at its last token (set by its last `_verify`)."""

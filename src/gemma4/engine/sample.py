@@ -34,6 +34,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] | None = None  # None: the checkpoint's generation_config
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's log-probability and the top k
+    speculative: bool = True  # draft with the engine's drafter, where it has one (False: token by token)
 
     def __post_init__(self):
         def bad(msg):
@@ -70,6 +71,8 @@ class SamplingParams:
                 f"got {self.repetition_penalty!r}")
         if self.seed is not None and not SEED_RANGE[0] <= integer("seed") <= SEED_RANGE[1]:
             bad(f"seed must be a 64-bit integer, got {self.seed!r}")
+        if not isinstance(self.speculative, bool):
+            bad(f"speculative must be true or false, got {self.speculative!r}")
         if self.logprobs is not None and not 0 <= integer("logprobs") <= 20:
             bad(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
 

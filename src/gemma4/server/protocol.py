@@ -66,6 +66,8 @@ class Sampling(Open):
         None, description="strings that end a choice (not included)")
     stream: Bool = False
     stream_options: StreamOptions | None = None
+    speculative: Bool = Field(True, description="draft with the server's --draft-model, where it has one "
+                                                "(false: decode token by token)")
 
 
 class ChatMessage(Open):

@@ -193,7 +193,7 @@ class Service:
             params = [self.llm.generation.sampling(
                 limit, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
                 repetition_penalty=body.repetition_penalty, seed=None if body.seed is None else body.seed + i,
-                stop_token_ids=stop_ids, logprobs=logprobs) for i in range(body.n)]
+                stop_token_ids=stop_ids, logprobs=logprobs, speculative=body.speculative) for i in range(body.n)]
         except ValueError as e:
             raise APIError(400, str(e).removeprefix("SamplingParams: ")) from None
         self.counters["prompt_tokens_total"] += len(prompt_ids)
