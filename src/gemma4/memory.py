@@ -126,7 +126,9 @@ def _file_mappings() -> list[tuple[int, int, int, str]]:
 def _read_from_file(t, dst, mappings: list[tuple[int, int, int, str]]) -> bool:
     """Fill dst with t's bytes by pread when t lies in a file mapping (a checkpoint read memory-mapped), so
     none of its pages become resident here: copied through the mapping, each weight would be held twice
-    until the whole file's mapping is freed. False when t is not file-backed (or the file is gone)."""
+    until the whole file's mapping is freed. False when t is not file-backed (or the file is gone). Assumes
+    the mapping holds the file's bytes: gemma4.load never writes a tensor it mapped (checkpoint values are
+    used as stored, or converted into new tensors)."""
     begin = t.data_ptr()
     for start, end, offset, path in mappings:
         if start <= begin and begin + t.nbytes <= end:
