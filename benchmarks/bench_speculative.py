@@ -6,7 +6,8 @@ and tok/s at forced acceptance (full-size E2B with random weights, and its draft
 
 Random weights draft nothing the target agrees with, so acceptance is forced (benchmark only, and labelled so):
 the drafter runs as usual, and the verification keeps each draft with probability A as if the target had
-chosen it. A draft is kept only while every one before it was, so the share of drafts kept is below A.
+chosen it (drawn evenly, see `forced`). A draft is kept only while every one before it was, so the share of
+drafts kept is below A.
 Prints, per target: plain decode tok/s; the cost of a draft step and of a k+1-token
 verification relative to a decode step; tok/s and tokens per verification at A = 0, 0.5, 0.8, 1; and the
 speed-up predicted from those costs at the per-position acceptance rates published for Gemma 4 (0.84, 0.60,
@@ -17,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import statistics
 import subprocess
 import sys
 import time
@@ -76,41 +75,69 @@ def worker(args) -> dict:
         return tokens, (len(tokens) - first) / (time.perf_counter() - t0)
 
     generate(Engine(model, max_step_tokens=1024), 4, prompt[::-1])  # warm-up: weights, kernels
-    plain, plain_tok_s = generate(Engine(model, max_step_tokens=1024), args.steps)
-    result = dict(target=args.worker, plain_tok_s=plain_tok_s, k=args.k, forced={})
-
-    # The product: adaptive draft length, the random drafter's drafts rejected (acceptance 0).
-    engine = Engine(model, max_step_tokens=1024, drafter=drafter, num_draft_tokens=args.k)
-    tokens, tok_s = generate(engine, args.steps)
-    result["adaptive_a0"] = dict(tok_s=tok_s, drafted=engine.draft_stats["drafted"],
-                                 same=first_difference(tokens, plain))
-
-    # Fixed k (adaptivity off): the mechanism's own cost at forced acceptance A. Each draft (the real drafter's)
-    # is kept with probability A as if the target had chosen it (a benchmark-only substitution in the sampler),
-    # else the target's own token decides. (Copying a plain run's tokens instead fails on random bf16 weights:
-    # products of k+1 rows round differently from one row's, and the top logits are often that close.)
-    engine_module.MIN_REACH = 0.0
+    result = dict(target=args.worker, k=args.k, forced={})
+    engine_module_min_reach = engine_module.MIN_REACH
     real_sample = sample_module.Sampler.sample
-    for rate in (0.0, 0.5, 0.8, 1.0):
-        rng = random.Random(0)
 
-        def sample(self, logits, draft=None, rate=rate, rng=rng):
-            if draft is not None and rng.random() < rate:
+    def forced(rate):
+        """Greedy tokens and tok/s at fixed k with each draft kept with probability `rate` once the ones before it
+        were (adaptivity off): the real drafter runs, and a benchmark-only substitution in the sampler keeps its
+        draft as if the target had chosen it, else the target's own token decides. How many drafts a verification
+        keeps, n with probability rate^n (1 - rate) (rate^k for all k), is drawn by inverting that distribution
+        at a low-discrepancy sequence (golden ratio), so that a run of a few dozen verifications has the expected
+        mean: independent draws (seed 0) kept 2.75 tokens per verification at 0.8 over 96 tokens, not 3.36.
+        (Copying a plain run's tokens instead fails on random bf16 weights: products of k+1 rows round
+        differently from one row's, and the top logits are that close.)"""
+        state = {"verification": 0, "keep": None}  # drafts the current verification still keeps (None: new one)
+
+        def kept_drafts() -> int:
+            u = (0.5 + state["verification"] * 0.6180339887498949) % 1.0
+            state["verification"] += 1
+            n, below = 0, 1.0 - rate  # P(keep <= n)
+            while n < args.k and u >= below:
+                n += 1
+                below += rate ** n * (1.0 - rate) if n < args.k else 1.0
+            return n
+
+        def sample(self, logits, draft=None):
+            if draft is None:  # the row after the last draft, or a plain decode step
+                state["keep"] = None
+                return real_sample(self, logits, draft)
+            if state["keep"] is None:
+                state["keep"] = kept_drafts()
+            if state["keep"] > 0:
+                state["keep"] -= 1
                 self.seen.add(draft)
                 return draft, None, None
+            state["keep"] = None  # rejected: the target's own token (random weights: never the draft)
             return real_sample(self, logits, draft)
 
-        sample_module.Sampler.sample = sample
+        sample_module.Sampler.sample, engine_module.MIN_REACH = sample, 0.0
         engine = Engine(model, max_step_tokens=1024, drafter=drafter, num_draft_tokens=args.k)
         try:
             tokens, tok_s = generate(engine, args.steps)
         finally:
-            sample_module.Sampler.sample = real_sample
+            sample_module.Sampler.sample, engine_module.MIN_REACH = real_sample, engine_module_min_reach
         drafted, accepted = engine.draft_stats["drafted"], engine.draft_stats["accepted"]
-        result["forced"][rate] = dict(tok_s=tok_s, kept=accepted / max(1, drafted),
-                                      per_verify=1 + args.k * accepted / max(1, drafted))
-        if rate == 0.0:
-            truth = tokens
+        kept = accepted / max(1, drafted)
+        return tokens, {"tok_s": tok_s, "kept": kept, "per_verify": 1 + args.k * kept}
+
+    # Rounds alternate every configuration; each keeps its best tok/s (the machine's read speed drifts).
+    for _ in range(args.rounds):
+        plain, tok_s = generate(Engine(model, max_step_tokens=1024), args.steps)
+        result["plain_tok_s"] = max(tok_s, result.get("plain_tok_s", 0.0))
+        # The product: adaptive draft length, the random drafter's drafts rejected (acceptance 0).
+        engine = Engine(model, max_step_tokens=1024, drafter=drafter, num_draft_tokens=args.k)
+        tokens, tok_s = generate(engine, args.steps)
+        if tok_s > result.get("adaptive_a0", {}).get("tok_s", 0.0):
+            result["adaptive_a0"] = dict(tok_s=tok_s, drafted=engine.draft_stats["drafted"],
+                                         same=first_difference(tokens, plain))
+        for rate in (0.0, 0.5, 0.8, 1.0):
+            tokens, row = forced(rate)
+            if row["tok_s"] > result["forced"].get(rate, {}).get("tok_s", 0.0):
+                result["forced"][rate] = row
+            if rate == 0.0:
+                truth = tokens
     result["verified_vs_plain"] = first_difference(truth, plain)
     seq_worker = engine.worker
     text = model.language_model
@@ -143,7 +170,8 @@ def main():
     ap.add_argument("--checkpoint", default=os.path.join(HERE, "..", "ckpt", "e2b-text"))
     ap.add_argument("--drafter", default=os.path.join(HERE, "..", "ckpt", "e2b-assistant"))
     ap.add_argument("--prompt-len", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=40, help="tokens generated per measurement")
+    ap.add_argument("--steps", type=int, default=96, help="tokens generated per measurement")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds; each figure is its best")
     ap.add_argument("--k", type=int, default=4, help="drafts per step")
     ap.add_argument("--quantize", default="int4", help="also these targets ('' for bf16 only)")
     ap.add_argument("--threads", type=int, default=2)
@@ -164,6 +192,7 @@ def main():
     for target in ["bf16"] + [q for q in args.quantize.split(",") if q]:
         cmd = [sys.executable, __file__, "--worker", target, "--checkpoint", args.checkpoint, "--drafter",
                args.drafter, "--prompt-len", str(args.prompt_len), "--steps", str(args.steps), "--k", str(args.k),
+               "--rounds", str(args.rounds),
                "--threads", str(args.threads)]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
@@ -172,7 +201,7 @@ def main():
     from gemma4 import hardware
 
     print(f"\nE2B + its drafter (random weights), {args.threads} threads, prompt {args.prompt_len}, {args.steps} "
-          f"greedy tokens, k = {args.k}; CPU: {hardware.cpu().name}\n")
+          f"greedy tokens, k = {args.k}, best of {args.rounds} rounds; CPU: {hardware.cpu().name}\n")
     print("| target | plain tok/s | adaptive, acceptance 0 | draft step / decode | verify k+1 / decode | "
           "fixed k: A=0 | A=0.5 | A=0.8 | A=1 | predicted (published acceptance) |\n" + "|---" * 10 + "|")
     for r in rows:

@@ -226,11 +226,12 @@ def test_bad_inputs(call, message):
         call()
 
 
-# (M rows of x, K, N): one row (bf16 x, 4 accumulators); 2+ rows (fp32 x in tiles of <= 4 rows over pairs of
+# (M rows of x, K, N): one row (bf16 x, 4 accumulators); 2+ rows (x in tiles of <= 4 rows over pairs of
 # weight rows: 5 rows are tiles of 2 and 3, 9 of 3 x 3, 11 of 3, 4 and 4; an odd N leaves one weight row
-# alone); K not a multiple of 16 (the scalar tail; tiles then start off 32-byte alignment); threads split N.
+# alone; the avx512_bf16 build takes 2-8 rows as they are, one weight row a pass, 32 values a step, then 128);
+# K not a multiple of 16 or 32 (the scalar tails; tiles then start off 32-byte alignment); threads split N.
 BF16_CASES = [(1, 16, 5), (1, 40, 3), (2, 1536, 7), (3, 1536, 300), (4, 1536, 1001), (5, 48, 9),
-              (8, 6144, 101), (9, 40, 17), (11, 1536, 64), (16, 72, 33)]
+              (6, 1000, 13), (7, 168, 3), (8, 6144, 101), (9, 40, 17), (11, 1536, 64), (16, 72, 33)]
 
 
 @pytest.mark.parametrize("M,K,N", BF16_CASES)
@@ -274,12 +275,16 @@ def test_bf16_matmul_routes_decode_rows_to_the_kernel(kernel, monkeypatch):
     out = matmul(x, w)  # a graph: never the kernel, which has no backward
     out.float().sum().backward()
     assert len(calls) == 5 and torch.allclose(x.grad.float(), w.float().sum(0).expand(2, -1), rtol=2 ** -7)
-    hardware._chosen["native_bf16"] = True  # bf16 GEMM native: the kernel takes 1-2 rows, PyTorch's GEMM the rest
+    # bf16 GEMM native: the kernel takes 1-2 rows (1-8 in the avx512_bf16 build), PyTorch's GEMM the rest
+    hardware._chosen["native_bf16"] = True
     kernels._native = None
     calls.clear()
-    for shape in [(1, 1, 128), (2, 128), (3, 128), (4, 16, 128)]:
+    shapes = [(1, 1, 128), (2, 128), (3, 128), (8, 128), (9, 128), (4, 16, 128)]
+    for shape in shapes:
         matmul(torch.randn(shape).bfloat16(), w)
-    assert calls == [(1, 1, 128), (2, 128)]
+    most = 8 if kernels._resolve()[0] == "avx512_bf16" else 2
+    assert kernels.bf16_kernel_rows() == most
+    assert calls == [s for s in shapes if torch.Size(s).numel() // 128 <= most]
 
 
 @pytest.mark.parametrize("bits", [None, 4, 8])

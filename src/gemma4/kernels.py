@@ -34,8 +34,11 @@ MAX_KERNEL_ROWS = 16  # decode-sized products (1 token, or a few drafted ones) g
 # 128 (E2B shapes); with the limit at 16, a step of 16 decodes (the engine's default max_seqs) took 4.8 s, not ~1.3.
 MAX_BF16_KERNEL_ROWS = 64
 # Where bf16 is native, PyTorch's GEMM (oneDNN, AMX) reads the weight once for any number of rows: from 3 rows on
-# it is as fast as the kernel or faster (benchmarks/bench_kernels.py --rows 1 2 3 4).
+# it is as fast as the tiled kernel or faster (benchmarks/bench_kernels.py --rows 1 2 3 4). The avx512_bf16
+# build's 512-bit path (dot_bf16_rows) reads weights in huge pages at one row's speed up to 8 rows, where oneDNN
+# took 1.4x one row's time: a 5-row verification step of speculative decoding.
 NATIVE_BF16_KERNEL_ROWS = 2
+NATIVE_BF16_KERNEL_ROWS_512 = 8
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Bytes of packed weight dequantized at a time for prefill: to fp32 where bf16 is emulated (-> 4 MB from int4),
 # to bf16 where it is native (-> 8 MB): oneDNN's bf16 GEMM over 682-row slices ran an E2B int4 prefill at 0.8x
@@ -160,7 +163,9 @@ def _ops():
 
 def bf16_kernel_rows() -> int:
     """Up to how many rows a bf16 product goes to gemv_bf16 (see ops.linear)."""
-    return NATIVE_BF16_KERNEL_ROWS if native_bf16() else MAX_BF16_KERNEL_ROWS
+    if not native_bf16():
+        return MAX_BF16_KERNEL_ROWS
+    return NATIVE_BF16_KERNEL_ROWS_512 if _resolve()[0] == "avx512_bf16" else NATIVE_BF16_KERNEL_ROWS
 
 
 def native_bf16() -> bool:
