@@ -1,6 +1,6 @@
 """The `gemma4` command line: `info` (what a checkpoint is, from its config.json alone), `generate` (stream a
-completion), `chat` (an interactive chat in the terminal), `serve` (the OpenAI-compatible server) and
-`quantize`.
+completion), `chat` (an interactive chat in the terminal), `serve` (the OpenAI-compatible server), `quantize`,
+`finetune` (LoRA / QLoRA) and `merge` (an adapter into its base).
 
 Errors a user can cause (bad flag, missing checkpoint, unusable config) print one line,
 `gemma4: error: ...`, and exit with code 2; Ctrl-C exits quietly with 130.
@@ -170,6 +170,79 @@ def cmd_quantize(args) -> int:
     llm = LLM(args.model, dtype=args.dtype, device="cpu", quantize=args.to, group_size=args.group_size)
     llm.save_quantized(args.out)
     print(f"wrote {args.to} checkpoint to {args.out}")
+    return 0
+
+
+# ---- gemma4 finetune / merge ----
+
+def _csv(text: str | None, what: str, kind=str) -> tuple | None:
+    if text is None:
+        return None
+    try:
+        items = tuple(kind(x.strip()) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{what} {text!r}: expected a comma-separated list") from None
+    if not items:
+        raise ValueError(f"{what} is empty")
+    return items
+
+
+def cmd_finetune(args) -> int:
+    from .train.data import load_dataset
+    from .train.lora import TEXT_MODULES, LoRAConfig
+    from .train.trainer import Trainer, TrainConfig, latest_checkpoint
+
+    lora = LoRAConfig(r=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
+                      dropout=args.dropout, target_modules=_csv(args.target_modules, "--target-modules") or
+                      TEXT_MODULES, layers=_csv(args.layers, "--layers", int), towers=args.towers)
+    train = TrainConfig(steps=args.steps, epochs=args.epochs, lr=args.lr, warmup=args.warmup,
+                        grad_accum=args.grad_accum, batch_tokens=args.batch_tokens,
+                        gradient_checkpointing=not args.no_gradient_checkpointing, eval_every=args.eval_every,
+                        save_every=args.save_every, seed=args.seed, weight_decay=args.weight_decay)
+    if args.max_len < 2:
+        raise ValueError(f"--max-len must be at least 2, got {args.max_len}")
+    for f in [args.data] + ([args.valid] if args.valid else []):
+        if not os.path.isfile(f):
+            raise ValueError(f"no dataset file at {f}")
+    resume = latest_checkpoint(args.out) if args.resume else None
+    if args.resume and resume is None:
+        raise ValueError(f"--resume: no checkpoint-N in {args.out} to continue from")
+    if not args.resume and os.path.isdir(args.out) and os.listdir(args.out):
+        raise ValueError(f"--out {args.out} exists and is not empty (--resume continues a run there)")
+    if args.dtype:
+        resolve_dtype(args.dtype, None)
+    resolve_device(args.device)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    examples = load_dataset(llm, args.data, args.max_len, args.think)
+    valid = load_dataset(llm, args.valid, args.max_len, args.think) if args.valid else None
+    trainer = Trainer(llm, lora, train, args.out, adapter=args.adapter)
+    if resume:
+        trainer.resume(resume)
+        print(f"resuming from {resume} (step {trainer.step})", file=sys.stderr)
+    n_tokens = sum(len(e) for e in examples)
+    print(f"fine-tuning on {len(examples)} examples ({n_tokens} tokens); LoRA rank {lora.r} on "
+          f"{len(trainer.params) // 2} modules, {sum(p.numel() for p in trainer.params) / 1e6:.2f} M parameters",
+          file=sys.stderr)
+    result = trainer.train(examples, valid)
+    shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
+    print(f"wrote the adapter to {args.out} ({shown})")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .train.lora import load_adapter, merge_lora, save_merged
+
+    if os.path.exists(args.out) and os.listdir(args.out):
+        raise ValueError(f"--out {args.out} exists and is not empty")
+    if args.model is None:
+        raise ValueError("--model: merging needs the base checkpoint the adapter was trained on")
+    llm = LLM(args.model, dtype=args.dtype, device="cpu")
+    if getattr(llm.model, "quantization", None):
+        raise ValueError(f"{args.model} is a quantized checkpoint: merge into the float base, then quantize")
+    load_adapter(llm.model, args.adapter)
+    merge_lora(llm.model)
+    save_merged(llm.model, llm.checkpoint, args.out)
+    print(f"wrote the merged checkpoint to {args.out}")
     return 0
 
 
@@ -359,6 +432,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"weights per scale (a multiple of 32; default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--dtype", help="dtype of the float weights kept (norms...; default: the checkpoint's)")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("finetune", help="LoRA / QLoRA fine-tuning on a JSONL dataset; writes a PEFT adapter")
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--data", required=True, help="training JSONL: {messages}, {prompt, completion} or {text} per line")
+    p.add_argument("--valid", help="validation JSONL (same formats)")
+    p.add_argument("--out", required=True, help="output directory: the adapter, checkpoint-N/ every --save-every")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="QLoRA: the frozen base quantized at load")
+    p.add_argument("--dtype", help="bfloat16, float16 or float32 (default: the checkpoint's)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--alpha", type=float, help="LoRA alpha: updates scaled by alpha / rank (default 2 x rank)")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapters' input (default 0)")
+    p.add_argument("--target-modules", help="comma-separated projection names (default: q,k,v,o,gate,up,down _proj;"
+                                             " the 26B-A4B expert banks too)")
+    p.add_argument("--layers", help="comma-separated decoder layer indices to adapt (default: all)")
+    p.add_argument("--towers", action="store_true", help="also adapt the vision / audio towers' projections")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: --epochs over the data)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data when --steps is not given")
+    p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps, then cosine decay (default 0)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--batch-tokens", type=int, default=2048, help="padded tokens per micro-batch (default 2048)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--max-len", type=int, default=2048, help="tokens kept per example (default 2048)")
+    p.add_argument("--no-gradient-checkpointing", action="store_true",
+                   help="keep every layer's activations (faster, more memory)")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between validation losses (default: at the end)")
+    p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (default: the end only)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint-N in --out")
+    p.add_argument("--adapter", help="start from this adapter (PEFT format) instead of a new one")
+    p.add_argument("--think", action="store_true", help="render conversations with thinking on")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base: a checkpoint in the published layout")
+    p.add_argument("--model", help="the base checkpoint directory or hub id")
+    p.add_argument("--adapter", required=True, help="adapter directory (PEFT format)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--dtype", help="dtype of the merged weights (default: the checkpoint's)")
+    p.set_defaults(func=cmd_merge)
 
     def load_options(p):
         p.add_argument("--model", help=model_help)

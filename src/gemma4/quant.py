@@ -17,10 +17,20 @@ import shutil
 import torch
 from torch import nn
 
-from . import kernels
+from . import kernels, ops
 from .model.text import Experts, Linear, TextModel
 
 QUANT_METHOD = "gemma4-weight-only"
+
+
+def quantized_product(x, qweight, scales, bits: int, group_size: int) -> torch.Tensor:
+    """x @ W.T for a quantized W; differentiable in x (QLoRA), W dequantized a block at a time in the backward."""
+    if not ops.needs_autograd(x):
+        return kernels.qmatmul(x, qweight, scales, bits, group_size)
+    return ops.frozen_product(x, lambda x: kernels.qmatmul(x, qweight, scales, bits, group_size),
+                              lambda n0, n1: kernels.dequantize(qweight[n0:n1], scales[n0:n1], bits, group_size,
+                                                                x.dtype if x.is_cuda else torch.float32),
+                              qweight.shape[0])
 
 
 class QuantizedLinear(nn.Module):
@@ -32,7 +42,7 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("scales", torch.empty(out_features, in_features // group_size, dtype=torch.float16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.qmatmul(x, self.qweight, self.scales, self.bits, self.group_size)
+        return quantized_product(x, self.qweight, self.scales, self.bits, self.group_size)
 
     def set_weight(self, w: torch.Tensor) -> None:
         self.qweight, self.scales = kernels.quantize(w, self.bits, self.group_size)
@@ -61,7 +71,7 @@ class QuantizedBank(nn.Module):
         self.register_buffer("scales", torch.empty(n, out_features, in_features // group_size, dtype=torch.float16))
 
     def matmul(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        return kernels.qmatmul(x, self.qweight[e], self.scales[e], self.bits, self.group_size)
+        return quantized_product(x, self.qweight[e], self.scales[e], self.bits, self.group_size)
 
     def set_weight(self, w: torch.Tensor) -> None:
         pairs = [kernels.quantize(w[e], self.bits, self.group_size) for e in range(w.shape[0])]

@@ -187,7 +187,18 @@ class Gemma4(nn.Module):
                 positions: torch.Tensor | None = None, *, media=None, pixel_values=None, image_position_ids=None,
                 pixel_values_videos=None, video_position_ids=None, input_features=None,
                 input_features_mask=None) -> torch.Tensor:
-        """Logits [B, T, vocab]. Media either as soft-token embeddings (`media`, see `embed`) or as the
+        """Logits [B, T, vocab] (see `hidden`)."""
+        return self.language_model.logits(self.hidden(
+            input_ids, attention_mask, positions, media=media, pixel_values=pixel_values,
+            image_position_ids=image_position_ids, pixel_values_videos=pixel_values_videos,
+            video_position_ids=video_position_ids, input_features=input_features,
+            input_features_mask=input_features_mask))
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               positions: torch.Tensor | None = None, *, media=None, pixel_values=None, image_position_ids=None,
+               pixel_values_videos=None, video_position_ids=None, input_features=None,
+               input_features_mask=None) -> torch.Tensor:
+        """The final-normed hidden states [B, T, E] that `forward` turns into logits. Media either as soft-token embeddings (`media`, see `embed`) or as the
         reference's processed tensors: images `pixel_values` [N, P, 768] + `image_position_ids` [N, P, 2],
         video frames `pixel_values_videos` + `video_position_ids` (all frames stacked), audio `input_features`
         [N, T, 128] + `input_features_mask` [N, T]; each fills its own kind of slot in order."""
@@ -216,6 +227,5 @@ class Gemma4(nn.Module):
                                                                                       input_features_mask))
             media = media or None
         embeds, ple_ids = self.embed(input_ids, media)
-        hidden = self.language_model(embeds, ple_ids, positions, key_valid=valid,
-                                     media_groups=self.media_groups(input_ids))
-        return self.language_model.logits(hidden)
+        return self.language_model(embeds, ple_ids, positions, key_valid=valid,
+                                   media_groups=self.media_groups(input_ids))

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .. import ops
@@ -263,6 +264,7 @@ class TextModel(nn.Module):
         # Reads PLE rows from the checkpoint file, when weights.load maps the table from it (CPU): see
         # weights.FileRows. The table itself (memory-mapped, never touched by a lookup) stays the parameter.
         self.ple_rows = None
+        self.checkpointing = False  # gradient checkpointing per decoder layer (gemma4.train)
         self.layers = nn.ModuleList(DecoderLayer(cfg, s) for s in cfg.layers)
         self.donors = frozenset(s.kv_source for s in cfg.layers if s.kv_shared)
         self.norm = RMSNorm(E, cfg.rms_norm_eps)
@@ -356,7 +358,10 @@ class TextModel(nn.Module):
                 if i in self.donors:
                     shared[i] = (k, v, mask)
             p, ple[i] = ple[i], None
-            x = layer(x, x_normed, p, cos, sin, k, v, mask)
+            if self.checkpointing and torch.is_grad_enabled():  # fine-tuning: recompute the layer in the backward
+                x = torch.utils.checkpoint.checkpoint(layer, x, x_normed, p, cos, sin, k, v, mask, use_reentrant=False)
+            else:
+                x = layer(x, x_normed, p, cos, sin, k, v, mask)
         if keep is not None and cfg.first_shared_layer == cfg.num_layers:
             x = x[:, keep]
         return (self.norm(x), last_kv) if return_kv else self.norm(x)
