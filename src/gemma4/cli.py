@@ -156,9 +156,9 @@ def cmd_generate(args) -> int:
         resolve_dtype(args.dtype, None)
     resolve_device(args.device)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, compile=args.compile,
-              draft_model=args.draft_model, num_draft_tokens=args.num_draft_tokens)
+              draft_model=args.draft_model, num_draft_tokens=args.num_draft_tokens, lora=_lora_modules(args))
     ids = llm.tokenizer.encode(args.prompt, add_bos=True)
-    for ev in llm.generate_stream([ids], **sampling):
+    for ev in llm.generate_stream([ids], adapter="adapter" if args.adapter else None, **sampling):
         print(ev.text, end="", flush=True)
     print()
     return 0
@@ -260,6 +260,21 @@ def _parse_bytes(text: str | None, flag: str = "--kv-memory") -> int | None:
         raise ValueError(f"{flag} {text!r}: expected bytes like 2GB, 512MiB or 1073741824") from None
 
 
+def _lora_modules(args) -> dict | None:
+    """--lora NAME=PATH ... (serve) or --adapter PATH (generate, chat: served as "adapter", used throughout)."""
+    if getattr(args, "adapter", None):
+        return {"adapter": args.adapter}
+    out = {}
+    for item in getattr(args, "lora", None) or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora {item!r}: expected NAME=PATH")
+        if name in out:
+            raise ValueError(f"--lora: the name {name!r} is given twice")
+        out[name] = path
+    return out or None
+
+
 def _load(args) -> LLM:
     if args.dtype:
         resolve_dtype(args.dtype, None)
@@ -267,7 +282,7 @@ def _load(args) -> LLM:
     return LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
                kv_memory=_parse_bytes(getattr(args, "kv_memory", None)), max_seqs=getattr(args, "max_seqs", 16),
                prefill_chunk=getattr(args, "prefill_chunk", 512), compile=args.compile,
-               draft_model=args.draft_model, num_draft_tokens=args.num_draft_tokens)
+               draft_model=args.draft_model, num_draft_tokens=args.num_draft_tokens, lora=_lora_modules(args))
 
 
 def cmd_serve(args) -> int:
@@ -360,7 +375,8 @@ def cmd_chat(args) -> int:
         message = {"role": "user", "content": [*pending, {"type": "text", "text": line}] if pending else line}
         try:
             _, events = llm.chat_events(history + [message], enable_thinking=thinking,
-                                        max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+                                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                        adapter="adapter" if args.adapter else None)
         except ValueError as e:
             print(f"(error: {e})")
             continue
@@ -422,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization at load")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     draft_options(p)
+    p.add_argument("--adapter", help="a LoRA adapter directory (PEFT format) to generate with")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("quantize", help="write an int8 / int4 copy of a checkpoint (loads without re-quantizing)")
@@ -483,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="chat in the terminal (streams; /think, /image FILE, /reset, /quit)")
     load_options(p)
+    p.add_argument("--adapter", help="a LoRA adapter directory (PEFT format) to chat with")
     p.add_argument("--think", action="store_true", help="start with thinking on")
     p.add_argument("--max-new-tokens", type=int, default=1024)
     p.add_argument("--temperature", type=float, help=SAMPLING_DEFAULT + "; 0 = greedy")
@@ -490,6 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="the OpenAI-compatible HTTP server")
     load_options(p)
+    p.add_argument("--lora", nargs="+", action="extend", metavar="NAME=PATH",
+                   help="LoRA adapters (PEFT format) served beside the base model: a request whose model is NAME "
+                        "uses it (as vLLM's --lora-modules)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set GEMMA4_API_KEY)")

@@ -70,7 +70,7 @@ class LLM:
                  quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE, compile: bool = False,
                  kv_memory: int | None = None, max_seqs: int = 16, prefill_chunk: int = 512,
                  cuda_graphs: bool | None = None, draft_model: str | os.PathLike | None = None,
-                 num_draft_tokens: int | None = None):
+                 num_draft_tokens: int | None = None, lora: dict | None = None):
         """`path`: checkpoint directory or hub id (None: the built-in tiny random model). `quantize`:
         "int8" / "int4" weight-only, done at load (or load a checkpoint saved by `save_quantized`).
         The engine (engine/engine.py) runs everything: `kv_memory` bytes of K/V (default: 2 GiB on a CPU, 90%
@@ -79,7 +79,9 @@ class LLM:
         steps as CUDA graphs (default: on a GPU, where the model allows). `draft_model`: the model's MTP
         assistant (directory or hub id): requests draft `num_draft_tokens` tokens a step with it
         (default: E2B 2, the others 4) and verify them in one forward: greedy output identical to plain decoding,
-        sampled output with its distribution (exact rejection sampling)."""
+        sampled output with its distribution (exact rejection sampling). `lora`: {name: adapter directory} (PEFT's
+        format) served side by side: a request names its adapter (`adapter=` here, `model` in the server); requests
+        with different adapters, and none, run together in one engine step."""
         if num_draft_tokens is not None and (draft_model is None or isinstance(num_draft_tokens, bool) or
                                              not isinstance(num_draft_tokens, int) or not 1 <= num_draft_tokens <= 8):
             raise ValueError(f"num_draft_tokens must be an integer in [1, 8] with a draft model, got "
@@ -112,6 +114,17 @@ class LLM:
             except (OSError, ValueError) as e:  # ConfigError and CheckpointError are ValueErrors
                 raise ValueError(f"draft model {os.fspath(draft_model)}: {e}") from None
         self.engine_options["drafter"] = self.drafter
+        self.lora, self.adapters = {}, {}  # name -> directory; name -> slot
+        if lora:
+            from .train.lora import serve_adapters
+
+            if not isinstance(lora, dict) or not all(isinstance(k, str) and k for k in lora):
+                raise ValueError("lora must be a dict {name: adapter directory}")
+            if compile:
+                raise ValueError("LoRA adapters are served eagerly: not with compile")
+            routing, self.adapters = serve_adapters(self.model, {k: os.fspath(v) for k, v in lora.items()})
+            self.lora = {k: os.fspath(v) for k, v in lora.items()}
+            self.engine_options["routing"] = routing
         # stop tokens and sampling defaults for every request (the tiny model ships Gemma 4's own)
         self.generation = GenerationConfig.load(self.checkpoint or str(TINY_DIR))
         self._tokenizer = None
@@ -152,7 +165,8 @@ class LLM:
                             add_generation_prompt=add_generation_prompt).prompt
 
     def chat(self, messages, tools=None, tool_choice=None, response_format=None, enable_thinking: bool = False,
-             image_budget: int | None = None, max_new_tokens: int = 512, **sampling) -> ChatResult:
+             image_budget: int | None = None, max_new_tokens: int = 512, adapter: str | None = None,
+             **sampling) -> ChatResult:
         """One assistant turn: `.content`, `.reasoning_content`, `.tool_calls`. `tool_choice` "required" or
         {"type": "function", "function": {"name": ...}} and `response_format` {"type": "json_object"} /
         {"type": "json_schema", "json_schema": {"schema": ...}} are enforced by constrained decoding.
@@ -160,7 +174,7 @@ class LLM:
         from .chat.parse import parse_output
 
         req, events = self.chat_events(messages, tools, tool_choice, response_format, enable_thinking, image_budget,
-                                       max_new_tokens, **sampling)
+                                       max_new_tokens, adapter=adapter, **sampling)
         tokens, reason = [], None
         for token, reason in events:
             tokens.append(token)
@@ -171,18 +185,20 @@ class LLM:
                           len(tokens), text)
 
     def chat_events(self, messages, tools=None, tool_choice=None, response_format=None, enable_thinking: bool = False,
-                    image_budget: int | None = None, max_new_tokens: int = 512, **sampling):
+                    image_budget: int | None = None, max_new_tokens: int = 512, adapter: str | None = None,
+                    **sampling):
         """Start one assistant turn (arguments as `chat`): returns the prepared request (chat.request.PreparedChat)
         and a generator of (token id, finish reason) as the tokens come, for `chat` and the streaming chat CLI.
         A bad request raises ValueError here, before anything runs."""
         from .chat.request import prepare_chat
 
+        slot = self.adapter_slot(adapter)
         req = prepare_chat(self, messages, tools, tool_choice, response_format, enable_thinking, image_budget,
                            max_tokens=self.engine.max_prompt_tokens)
         params = self.generation.sampling(max_new_tokens, **{**sampling, "stop_token_ids": req.stop_ids})
         media = self.model.encode_media(req.media) if req.media else None
         self.engine.check(req.prompt_ids, media)  # now, not at the first token (`gemma4 chat` printed a traceback)
-        events = self._engine_events([req.prompt_ids], [params], [media], [req.constraint])
+        events = self._engine_events([req.prompt_ids], [params], [media], [req.constraint], slot)
         return req, ((token, reason) for _, token, reason in events)
 
     def save_quantized(self, out: str) -> None:
@@ -193,12 +209,22 @@ class LLM:
             raise ValueError("the built-in tiny model has no checkpoint to save from")
         save_quantized(self.model, self.checkpoint, out)
 
-    def generate_stream(self, prompt_token_ids: list[list[int]], max_new_tokens: int = 256,
+    def adapter_slot(self, adapter: str | None) -> int:
+        """The engine slot of a served adapter's name (None: the base model, 0)."""
+        if adapter is None:
+            return 0
+        if adapter not in self.adapters:
+            raise ValueError(f"adapter {adapter!r} is not loaded (LLM(..., lora={{name: path}}) serves: "
+                             f"{sorted(self.adapters) or 'none'})")
+        return self.adapters[adapter]
+
+    def generate_stream(self, prompt_token_ids: list[list[int]], max_new_tokens: int = 256, adapter: str | None = None,
                         **sampling) -> Iterator[StreamEvent]:
         """Yield each new token as soon as it is sampled, with the text it completes. Sampling keywords:
         temperature (0 = greedy), top_k, top_p, min_p, repetition_penalty, seed, stop_token_ids, speculative
         (False: no drafting for these prompts); each left out takes the checkpoint's generation_config.json
-        default."""
+        default. `adapter`: the name of a served LoRA adapter (see `lora`)."""
+        slot = self.adapter_slot(adapter)
         if not isinstance(prompt_token_ids, (list, tuple)) or not prompt_token_ids \
                 or not all(isinstance(p, (list, tuple)) for p in prompt_token_ids):
             raise ValueError("prompt_token_ids must be a non-empty list of prompts, each a list of token ids")
@@ -207,17 +233,17 @@ class LLM:
             self.engine.check(p, name=f"prompt {i}")
         params = [self.generation.sampling(max_new_tokens, **sampling) for _ in prompts]
         decoders = [self.tokenizer.decode_stream() for _ in prompts]
-        for index, token, reason in self._engine_events(prompts, params):
+        for index, token, reason in self._engine_events(prompts, params, adapter=slot):
             text = "" if reason == "stop" else decoders[index].step(token)
             yield StreamEvent(index, token, text, reason)
 
-    def _engine_events(self, prompts, params, media=None, constraints=None):
+    def _engine_events(self, prompts, params, media=None, constraints=None, adapter: int = 0):
         """Run requests in the engine; yield (index, token id, finish reason) as tokens come. Leaving early
         (an exception, Ctrl-C, a closed generator) cancels what is left and frees its memory."""
         engine, tag = self.engine, f"llm-{id(prompts)}-"
         for i, (p, sp) in enumerate(zip(prompts, params)):
             engine.add(f"{tag}{i}", p, sp, media=media[i] if media else None,
-                       constraint=constraints[i] if constraints else None)
+                       constraint=constraints[i] if constraints else None, adapter=adapter)
         try:
             while engine.has_work():
                 for ev in engine.step():

@@ -33,9 +33,10 @@ class Prefixes:
         self.holders: dict[int, int] = {}  # id -> blocks registered under it, over all pools
         self.counter = itertools.count(1)
 
-    def find(self, tokens: list[int], block_size: int) -> list[int]:
-        """Ids of the leading full blocks of `tokens` that are known, up to the first that is not."""
-        out, parent = [], 0
+    def find(self, tokens: list[int], block_size: int, root: int = 0) -> list[int]:
+        """Ids of the leading full blocks of `tokens` that are known, up to the first that is not. `root`: the
+        empty prefix's id, 0 for the base model and -slot under a served LoRA adapter (its K/V differ)."""
+        out, parent = [], root
         for start in range(0, len(tokens) - block_size + 1, block_size):
             parent = self.ids.get((parent, *tokens[start:start + block_size]))
             if parent is None:

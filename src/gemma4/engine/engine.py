@@ -62,14 +62,15 @@ class Engine:
     def __init__(self, model: Gemma4, kv_memory: int | None = None, block_size: int = 64, max_seqs: int = 16,
                  max_step_tokens: int = 512, stop_ids=DEFAULT_STOP_TOKEN_IDS, compile: bool = False,
                  cuda_graphs: bool | None = None, max_rollback: int = 8, drafter=None,
-                 num_draft_tokens: int | None = None):
+                 num_draft_tokens: int | None = None, routing=None):
         """`kv_memory`: bytes of K/V (default: 2 GiB on a CPU, 90% of free memory on a GPU); `max_seqs`
         sequences at once; `max_step_tokens` per step; `stop_ids` where a request gives none; `compile`,
         `cuda_graphs`: see engine/worker.py; `max_rollback`: computed tokens `rollback` takes back without
         recomputing (sliding layers keep that many positions behind their window). `drafter`: an MTP assistant
         (model.assistant, weights.load_assistant) made for this model: requests without a grammar then
         draft `num_draft_tokens` tokens a step (default: E2B 2, the others 4, as vLLM's recipes; at most
-        max_rollback) and verify them in one forward (see `_verify`)."""
+        max_rollback) and verify them in one forward (see `_verify`). `routing`: the model's served LoRA
+        adapters (train.lora.serve_adapters): a request names its adapter's slot in `add`."""
         cfg = model.config.text
         if block_size <= 0 or max_seqs <= 0 or max_step_tokens <= 0 or max_rollback < 0:
             raise ValueError("block_size, max_seqs and max_step_tokens must be positive, and max_rollback >= 0")
@@ -108,7 +109,9 @@ class Engine:
             raise ValueError(f"kv_memory {kv_memory} bytes is too small for this model: give it at least {need}")
         self.block_sizes, prefixes = sizes, Prefixes()
         self.pools = {k: BlockPool(n + 1, sizes[k], prefixes) for k, n in blocks.items()}  # + the scratch block
-        self.worker = Worker(model, {k: n + 1 for k, n in blocks.items()}, block_size, compile, cuda_graphs)
+        self.worker = Worker(model, {k: n + 1 for k, n in blocks.items()}, block_size, compile, cuda_graphs, routing)
+        self.num_adapters = len({s for m in model.modules() for s in getattr(m, "adapters", {})}) \
+            if routing is not None else 0
         ids = [model.config.token_ids.get(k) for k in ("image_token_id", "video_token_id", "audio_token_id")]
         self.media_ids = frozenset(i for i in ids if i is not None)
         self.scheduler = Scheduler(cfg, self.pools, block_size, max_seqs, max_step_tokens, self.media_ids,
@@ -120,14 +123,18 @@ class Engine:
 
     # ---------------------------------------------------------------- requests
     def add(self, request_id: str, prompt: list[int], params: SamplingParams, media: torch.Tensor | None = None,
-            constraint=None) -> None:
-        """Queue a request. `media`: the soft-token rows of its media slots, in order (Gemma4.encode_media)."""
+            constraint=None, adapter: int = 0) -> None:
+        """Queue a request. `media`: the soft-token rows of its media slots, in order (Gemma4.encode_media);
+        `adapter`: the slot of the served LoRA adapter it uses (0: none)."""
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if not isinstance(adapter, int) or isinstance(adapter, bool) or not 0 <= adapter <= self.num_adapters:
+            raise ValueError(f"adapter slot {adapter!r}: this engine serves {self.num_adapters} adapter(s)")
         slots = self.check(prompt, media)
         stop = frozenset(params.stop_token_ids) if params.stop_token_ids is not None else self.default_stop
         seq = Sequence(request_id, list(prompt), params, stop, Sampler(params, seen=set(prompt), constraint=constraint),
                        media=media if slots else None)
+        seq.adapter = adapter
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
 
@@ -212,7 +219,7 @@ class Engine:
             try:
                 media = self._media(w)
                 logits = self.worker.forward([w.seq.token_range(w.start, w.start + w.count)], [w.start],
-                                             [w.seq.blocks], media, logits=last)
+                                             [w.seq.blocks], media, logits=last, adapters=[w.seq.adapter])
                 events.append(self._advance(w, w.seq.sampler.sample(logits[0]) if last else None))
             except Exception as e:
                 events.append(self.fail(w.seq, e))
@@ -295,7 +302,8 @@ class Engine:
         seq, k = w.seq, w.seq.drafts
         try:
             logits, hidden, kv = self.worker.forward_with_kv(seq.token_range(w.start, w.start + w.count), w.start,
-                                                             seq.blocks, self._media(w), every_token=k > 0)
+                                                             seq.blocks, self._media(w), every_token=k > 0,
+                                                             adapter=seq.adapter)
         except Exception as e:
             seq.drafts = 0
             return [self.fail(seq, e)]
@@ -337,7 +345,8 @@ class Engine:
         try:
             logits = self.worker.forward([w.seq.token_range(w.start, w.start + 1) for w in decodes],
                                          [w.start for w in decodes], [w.seq.blocks for w in decodes],
-                                         self._media(decodes[0]) if len(decodes) == 1 else None)
+                                         self._media(decodes[0]) if len(decodes) == 1 else None,
+                                         adapters=[w.seq.adapter for w in decodes])
         except Exception as e:
             if len(decodes) == 1:
                 return [self.fail(decodes[0].seq, e)]
@@ -467,13 +476,13 @@ class AsyncEngine:
                 failed.append(TokenEvent(rid, None, "error", error=e))
 
     async def generate(self, prompt: list[int], params: SamplingParams, media=None, constraint=None,
-                       name: str = "req"):
+                       name: str = "req", adapter: int = 0):
         """Yield this request's TokenEvents; leaving the loop early (client gone) cancels it. `name` prefixes
-        its id in the engine (and so in its log lines)."""
+        its id in the engine (and so in its log lines); `adapter`: a served LoRA adapter's slot (0: none)."""
         rid = f"{name}#{next(self.ids)}"
         events: asyncio.Queue = asyncio.Queue()
         self.queues[rid] = (events, asyncio.get_running_loop())
-        self.inbox.put((rid, (prompt, params, media, constraint)))
+        self.inbox.put((rid, (prompt, params, media, constraint, adapter)))
         self.wake.set()
         try:
             while True:

@@ -94,7 +94,7 @@ class Scheduler:
         before it, and the sliding blocks that its window covers. The last token is always computed (its
         logits are needed), and nothing from the first media token on (placeholders alone do not say
         which image)."""
-        names = self.prefixes.find(seq.tokens[:min(len(seq) - 1, self._first_media(seq))], self.bs)
+        names = self.prefixes.find(seq.tokens[:min(len(seq) - 1, self._first_media(seq))], self.bs, -seq.adapter)
 
         def cached(n: int) -> bool:  # can a sequence resume after n blocks?
             lo = {"full": 0, "sliding": self._window_first(n * self.bs)}
@@ -116,7 +116,8 @@ class Scheduler:
         """After a forward: name the blocks it completed, so that later sequences can reuse them."""
         tokens = seq.tokens
         for i in range(len(seq.names), min(seq.computed, self._first_media(seq)) // self.bs):
-            pid = self.prefixes.name(seq.names[-1] if seq.names else 0, tokens[i * self.bs:(i + 1) * self.bs])
+            pid = self.prefixes.name(seq.names[-1] if seq.names else -seq.adapter,
+                                     tokens[i * self.bs:(i + 1) * self.bs])
             seq.names.append(pid)
             for kind, pool in self.pools.items():
                 if seq.blocks[kind][i] is not None:

@@ -33,6 +33,7 @@ class Sequence:
     draft_from: tuple | None = None  # (target hidden [1, 1, E], {kind: (K, V, mask)}, position): drafting's start
     acceptance: float = 1.0  # running estimate of the chance that a draft is kept (engine: how many to draft)
     plain_steps: int = 0  # steps decoded without drafts since the last drafting one
+    adapter: int = 0  # the served LoRA adapter's slot (0: the base model)
 
     @property
     def tokens(self) -> list[int]:

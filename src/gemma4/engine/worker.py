@@ -73,12 +73,16 @@ class Graph:
 
 class Worker:
     def __init__(self, model: Gemma4, num_blocks: dict[str, int], block_size: int, compile: bool = False,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, routing=None):
+        """`routing`: the served LoRA adapters' (train.lora.serve_adapters), set to each row's adapter around a
+        forward; with it, steps run eagerly (which rows take which adapter changes every step)."""
         if cuda_graphs and not can_graph(model):
             raise ValueError("CUDA graphs need a CUDA device and a model without experts (MoE syncs with the host)")
-        self.model, self.kinds = model, tuple(num_blocks)
+        if routing is not None and (compile or cuda_graphs):
+            raise ValueError("LoRA adapters are served eagerly: not with compile or CUDA graphs")
+        self.model, self.kinds, self.routing = model, tuple(num_blocks), routing
         self.cache = PagedKVCache(model.config.text, num_blocks, block_size, cache_dtype(model), model.device)
-        self.graphed = can_graph(model) if cuda_graphs is None else cuda_graphs
+        self.graphed = (can_graph(model) and routing is None) if cuda_graphs is None else cuda_graphs
         self.graphs: dict[tuple, Graph] = {}
         self.decode_step = forward_step
         if compile:
@@ -87,26 +91,43 @@ class Worker:
                 text.ple_rows = torch.compiler.disable(text.ple_rows)
             self.decode_step = torch.compile(forward_step, dynamic=True)
 
-    def forward_with_kv(self, ids: list[int], start: int, table: dict, media=None, every_token: bool = False):
+    def adapters(self, slots: list[int] | None):
+        """A context in which the forward's rows use these served adapters (slot per row, 0: none)."""
+        worker = self
+
+        class Using:
+            def __enter__(self):
+                if worker.routing is not None:
+                    worker.routing.set(slots, worker.model.device)
+
+            def __exit__(self, *exc):
+                if worker.routing is not None:
+                    worker.routing.set(None, None)
+
+        return Using()
+
+    def forward_with_kv(self, ids: list[int], start: int, table: dict, media=None, every_token: bool = False,
+                        adapter: int = 0):
         """One sequence's tokens at `start` (eagerly): (logits [T or 1, vocab], final hidden [1, T or 1, E],
         {kind: (K, V, mask)}), what its drafter starts from (and, `every_token`, what verifies its drafts)."""
         input_ids = torch.tensor([ids], device=self.model.device)
         index = self.cache.index([start], len(ids), {kind: [table[kind]] for kind in self.kinds})
-        with torch.inference_mode():
+        with torch.inference_mode(), self.adapters([adapter]):
             groups = self.model.media_groups(input_ids) if media is not None else None
             logits, hidden, kv = forward_step(self.model, self.cache, input_ids, index, media, groups,
                                               return_kv=True, every_token=every_token)
         return (logits[0] if every_token else logits), hidden, kv
 
     def forward(self, ids: list[list[int]], starts: list[int], tables: list[dict], media=None,
-                logits: bool = True) -> torch.Tensor | None:
+                logits: bool = True, adapters: list[int] | None = None) -> torch.Tensor | None:
         """Rows of equal length (one token each for decodes, or one prompt chunk), row b continuing its sequence
         at starts[b] with its blocks tables[b] (kind -> block ids). `media`: the soft-token rows of the chunk's
-        media slots. Returns the last token's logits [B, vocab] if asked."""
+        media slots. Returns the last token's logits [B, vocab] if asked. `adapters`: each row's served LoRA
+        adapter (slot, 0: none)."""
         B, T = len(ids), len(ids[0])
         per_kind = {kind: [t[kind] for t in tables] for kind in self.kinds}
         input_ids = torch.tensor(ids, device=self.model.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.adapters(adapters):
             if T > 1 or media is not None or not logits:
                 groups = self.model.media_groups(input_ids) if media is not None else None
                 return forward_step(self.model, self.cache, input_ids, self.cache.index(starts, T, per_kind), media,

@@ -134,9 +134,12 @@ class Router(nn.Module):
         return weights * self.per_expert_scale[ids], ids
 
 
-def expert_matmul(x: torch.Tensor, bank, e: int) -> torch.Tensor:
-    """x @ W[e].T for a bank of expert weights: a float tensor [n, out, in], or a quantized bank module."""
-    return bank.matmul(x, e) if isinstance(bank, nn.Module) else ops.linear(x, bank[e])
+def expert_matmul(x: torch.Tensor, bank, e: int, tokens: torch.Tensor, total: int) -> torch.Tensor:
+    """x @ W[e].T for a bank of expert weights: a float tensor [n, out, in], or a bank module (quantized, LoRA).
+    `tokens`: which of the layer's `total` tokens x holds (adapters served per batch row need them)."""
+    if not isinstance(bank, nn.Module):
+        return ops.linear(x, bank[e])
+    return bank.matmul(x, e, tokens, total) if hasattr(bank, "routing") else bank.matmul(x, e)
 
 
 class Experts(nn.Module):
@@ -162,8 +165,8 @@ class Experts(nn.Module):
             sel = order[start:start + n]
             tok = token[start:start + n]
             start += n
-            gate, up = expert_matmul(x[tok], self.gate_up_proj, e).chunk(2, dim=-1)
-            y = expert_matmul(ops.gelu_mul(gate, up), self.down_proj, e)
+            gate, up = expert_matmul(x[tok], self.gate_up_proj, e, tok, len(x)).chunk(2, dim=-1)
+            y = expert_matmul(ops.gelu_mul(gate, up), self.down_proj, e, tok, len(x))
             out.index_add_(0, tok, (y * weights.flatten()[sel, None]).to(out.dtype))
         return out
 

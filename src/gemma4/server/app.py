@@ -192,7 +192,9 @@ async def health():
 @router.get("/v1/models", response_model=ModelList, dependencies=[Depends(require_key)],
             responses={401: ERRORS[401]})
 async def models(svc: Service = Depends(service)):
-    return {"object": "list", "data": [{"id": svc.model_name, "object": "model", "created": 0, "owned_by": "gemma4"}]}
+    base = {"id": svc.model_name, "object": "model", "created": 0, "owned_by": "gemma4"}
+    adapters = [{**base, "id": name, "root": path, "parent": svc.model_name} for name, path in svc.llm.lora.items()]
+    return {"object": "list", "data": [base, *adapters]}
 
 
 @router.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(require_metrics_key)],

@@ -220,6 +220,8 @@ class ModelCard(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
+    root: str | None = None  # what it is served from: the checkpoint, or the adapter's directory (as vLLM)
+    parent: str | None = None  # a LoRA adapter's base model (as vLLM)
 
 
 class ModelList(BaseModel):

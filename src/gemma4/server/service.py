@@ -78,6 +78,7 @@ class Job:
     media: torch.Tensor | None = None
     constraint: object = None
     created: int = field(default_factory=lambda: int(time.time()))
+    adapter: int = 0  # the served LoRA adapter's slot (0: the base model)
 
 
 class MediaWorkers:
@@ -118,8 +119,9 @@ class Service:
 
     # ---- admission and preparation
     def admit(self, body: Sampling) -> None:
-        if body.model not in (None, self.model_name):
-            raise APIError(400, f"model {body.model!r} is not served here (try {self.model_name!r})", param="model")
+        if body.model not in (None, self.model_name) and body.model not in self.llm.adapters:
+            served = ", ".join(repr(n) for n in [self.model_name, *self.llm.adapters])
+            raise APIError(400, f"model {body.model!r} is not served here (served: {served})", param="model")
         if self.engine.waiting() >= self.limits.max_waiting:
             raise APIError(429, "too many requests waiting; try again later", "rate_limit_error")
         self.counters["requests_total"] += 1
@@ -198,7 +200,8 @@ class Service:
             raise APIError(400, str(e).removeprefix("SamplingParams: ")) from None
         self.counters["prompt_tokens_total"] += len(prompt_ids)
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        return Job(f"{kind}-{uuid.uuid4().hex}", self.model_name, prompt_ids, params, stops, media, constraint)
+        return Job(f"{kind}-{uuid.uuid4().hex}", body.model or self.model_name, prompt_ids, params, stops, media,
+                   constraint, adapter=self.llm.adapters.get(body.model, 0))
 
     # ---- generation
     async def choice(self, job: Job, index: int):
@@ -206,7 +209,8 @@ class Service:
         it (leaving the loop cancels the generation); ChoiceFailed if the engine ended it with an error."""
         tok, params = self.llm.tokenizer, job.params[index]
         decoder, text = tok.decode_stream(), ""
-        async for ev in self.engine.generate(job.prompt_ids, params, job.media, job.constraint, f"{job.id}/{index}"):
+        async for ev in self.engine.generate(job.prompt_ids, params, job.media, job.constraint, f"{job.id}/{index}",
+                                             job.adapter):
             if ev.finish_reason == "error":
                 raise ChoiceFailed(ev.error)
             if ev.token_id is None:

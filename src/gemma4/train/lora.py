@@ -444,6 +444,121 @@ def _load_bank(target: LoRABank, ab: dict, where: str) -> None:
         target.lora_B.copy_(B.reshape(o, r, n).permute(2, 0, 1))
 
 
+def remove_lora(model: nn.Module) -> dict[str, tuple]:
+    """Unwrap every LoRA module back to its base, in place; returns {path: (A, B, scaling)} of what was there
+    (A [r, in], B [out, r]; for an expert bank A [n, r, in], B [n, out, r]), detached."""
+    out = {}
+    for path, m in lora_modules(model).items():
+        out[path] = (m.lora_A.detach(), m.lora_B.detach(), m.scaling)
+        if isinstance(m, LoRALinear):
+            _swap(model, path, m.base)
+        else:
+            experts_path, bank = path.rsplit(".", 1)
+            ex = model.get_submodule(experts_path)
+            delattr(ex, bank)
+            setattr(ex, bank, m.base if hasattr(m, "base") else nn.Parameter(m.weight, requires_grad=False))
+    model.lora_config = None
+    return out
+
+
+# ---- serving several adapters at once -----------------------------------------------------------------------
+
+class Routing:
+    """Which adapter each row of the batch now running uses: `groups` {slot: row indices}, slot 0 (no adapter)
+    left out. The engine's worker sets it around each forward; every served LoRA module reads it."""
+
+    def __init__(self):
+        self.groups: dict[int, torch.Tensor] = {}
+        self.rows: torch.Tensor | None = None  # [B] slot per row
+
+    def set(self, slots: list[int] | None, device) -> None:
+        if not slots or not any(slots):
+            self.groups, self.rows = {}, None
+            return
+        self.rows = torch.tensor(slots, device=device)
+        self.groups = {s: torch.tensor([i for i, x in enumerate(slots) if x == s], device=device)
+                       for s in sorted(set(slots)) if s}
+
+
+class ServedLoRALinear(nn.Module):
+    """A projection with several adapters, each row of a batch through its own (or none): base(x) for all rows,
+    plus scaling_s * (x_rows @ A_s.T) @ B_s.T added to the rows of adapter s, in fp32 as LoRALinear does."""
+
+    def __init__(self, base: nn.Module, routing: Routing):
+        super().__init__()
+        self.base, self.routing = base, routing
+        self.adapters: dict[int, tuple] = {}  # slot -> (A [r, in], B [out, r], scaling)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        for slot, rows in self.routing.groups.items():
+            ab = self.adapters.get(slot)
+            if ab is not None:
+                A, B, scaling = ab
+                h = F.linear(F.linear(x[rows].to(A.dtype), A), B) * scaling
+                y.index_add_(0, rows, h.to(y.dtype))
+        return y
+
+
+class ServedLoRABank(nn.Module):
+    """An expert bank with several adapters: matmul(x, e, tokens, total) gets the chosen tokens' indices into the
+    layer's flattened [B * T, E] input, whose batch rows say the adapter."""
+
+    def __init__(self, bank, routing: Routing):
+        super().__init__()
+        if isinstance(bank, nn.Module):
+            self.base = bank
+        else:
+            self.register_buffer("weight", bank.detach(), persistent=False)
+        self.routing = routing
+        self.adapters: dict[int, tuple] = {}  # slot -> (A [n, r, in], B [n, out, r], scaling)
+        self.shape = _bank_shape(bank)
+
+    def matmul(self, x: torch.Tensor, e: int, tokens=None, total: int | None = None) -> torch.Tensor:
+        from .. import ops
+
+        y = self.base.matmul(x, e) if hasattr(self, "base") else ops.linear(x, self.weight[e])
+        rows = self.routing.rows
+        if rows is None or tokens is None:
+            return y
+        slots = rows[tokens // (total // len(rows))]  # [n] the adapter of each chosen token
+        for slot, (A, B, scaling) in self.adapters.items():
+            sel = (slots == slot).nonzero().flatten()
+            if len(sel):
+                h = F.linear(F.linear(x[sel].to(A.dtype), A[e]), B[e]) * scaling
+                y.index_add_(0, sel, h.to(y.dtype))
+        return y
+
+
+def serve_adapters(model: nn.Module, adapters: dict[str, str]) -> tuple[Routing, dict[str, int]]:
+    """Load several adapters (name -> directory, PEFT's format) for serving side by side: each is checked and
+    read as `load_adapter` does, then the union of the modules they adapt is wrapped once. Returns the routing
+    the engine sets per forward and {name: slot} (slots from 1; 0 is the base model)."""
+    routing, slots, found = Routing(), {}, {}
+    for slot, (name, path) in enumerate(adapters.items(), 1):
+        load_adapter(model, path)
+        for p, ab in remove_lora(model).items():
+            found.setdefault(p, {})[slot] = ab
+        slots[name] = slot
+    towers = sorted(p for p in found if not p.startswith("language_model."))
+    if towers:
+        raise AdapterError(f"adapters of the vision / audio towers ({towers[0]}, ...) cannot be served per request; "
+                           "merge them into the checkpoint (gemma4 merge)")
+    for p, per_slot in found.items():
+        if p.endswith(("gate_up_proj", "down_proj")) and ".experts." in p + ".":
+            experts_path, bank_name = p.rsplit(".", 1)
+            ex = model.get_submodule(experts_path)
+            bank = getattr(ex, bank_name)
+            served = ServedLoRABank(bank, routing)
+            if not isinstance(bank, nn.Module):
+                delattr(ex, bank_name)
+            setattr(ex, bank_name, served)
+        else:
+            served = _swap(model, p, ServedLoRALinear(model.get_submodule(p), routing))
+        served.adapters.update(per_slot)
+    return routing, slots
+
+
 # ---- merging ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -505,4 +620,5 @@ def is_adapter_dir(path) -> bool:
 
 
 __all__ = ["LoRAConfig", "LoRALinear", "LoRABank", "AdapterError", "apply_lora", "lora_parameters", "save_adapter",
-           "read_adapter", "load_adapter", "merge_lora", "save_merged", "adapter_state", "set_adapter_state"]
+           "read_adapter", "load_adapter", "merge_lora", "save_merged", "adapter_state", "set_adapter_state",
+           "remove_lora", "serve_adapters", "Routing"]
