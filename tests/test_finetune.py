@@ -255,3 +255,35 @@ def test_lora_modules_are_the_ones_trained(tmp_path):
     changed = {n for n, p in llm.model.named_parameters() if not torch.equal(before[n], p)}
     assert changed and all(".q_proj.lora_" in n for n in changed)  # the base never moves
     assert len(lora_modules(llm.model)) == 6
+
+
+@pytest.mark.parametrize("quantize,cap", [(None, 30.0), (None, None), ("int4", 30.0)])
+def test_fused_head_loss_equals_autograd(quantize, cap):
+    """HeadLoss (logits a chunk at a time, their gradient made in the forward) gives the loss and the gradient
+    of plain cross-entropy over the whole logits through autograd, softcap or none, plain or quantized head."""
+    from gemma4.quant import quantize_model
+    from gemma4.train import trainer as trainer_module
+
+    llm = gemma4.LLM(None)
+    if quantize:
+        quantize_model(llm.model, 4)
+    text = llm.model.language_model
+    import dataclasses
+
+    text.cfg = dataclasses.replace(text.cfg, final_logit_softcap=cap)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(45, text.cfg.hidden_size, dtype=torch.float32, generator=g).requires_grad_()
+    y = torch.randint(0, 262144, (45,), generator=g)
+    want = torch.nn.functional.cross_entropy(text.logits(h).float(), y, reduction="sum")
+    (g_want,) = torch.autograd.grad(want, h)
+    old = trainer_module.LOSS_BYTES
+    # 20 tokens a chunk: three chunks, the last one short. (More than 16 rows each: an int4 product of fewer rows
+    # goes to the kernel, which rounds the activations to int8, and would differ from the whole batch's.)
+    trainer_module.LOSS_BYTES = 20 * 4 * 262144
+    try:
+        got = trainer_module.HeadLoss.apply(h, y, text)
+    finally:
+        trainer_module.LOSS_BYTES = old
+    (g_got,) = torch.autograd.grad(2.0 * got, h)
+    assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
+    assert (g_got - 2.0 * g_want).abs().max().item() <= 1e-3 * g_want.abs().max().item()

@@ -1,5 +1,4 @@
 """Our logits and greedy tokens against the reference (transformers) on tiny random checkpoints."""
-import functools
 
 import pytest
 import torch

@@ -13,7 +13,7 @@ import os
 import sys
 from importlib import resources
 
-from . import __version__
+from . import __version__, hardware
 from .config import ConfigError, ModelConfig, load_config
 from .engine.sample import GenerationConfig
 from .kernels import DEFAULT_GROUP_SIZE
@@ -211,8 +211,10 @@ def cmd_finetune(args) -> int:
         raise ValueError(f"--out {args.out} exists and is not empty (--resume continues a run there)")
     if args.dtype:
         resolve_dtype(args.dtype, None)
-    resolve_device(args.device)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    dtype, device = args.dtype, resolve_device(args.device)
+    if dtype is None and device.type == "cpu" and _quantized(args) and hardware.native_bf16():
+        dtype = "bfloat16"  # QLoRA's activations (a quantized model computes in fp32 on a CPU by default)
+    llm = LLM(args.model, dtype=dtype, device=args.device, quantize=args.quantize)
     examples = load_dataset(llm, args.data, args.max_len, args.think)
     valid = load_dataset(llm, args.valid, args.max_len, args.think) if args.valid else None
     trainer = Trainer(llm, lora, train, args.out, adapter=args.adapter)
@@ -227,6 +229,14 @@ def cmd_finetune(args) -> int:
     shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
     print(f"wrote the adapter to {args.out} ({shown})")
     return 0
+
+
+def _quantized(args) -> bool:
+    """Whether the model will be quantized: --quantize, or a checkpoint saved by `gemma4 quantize`."""
+    from .weights import _saved_quantization
+
+    return bool(args.quantize) or (args.model is not None and
+                                   _saved_quantization(resolve_checkpoint(args.model)) is not None)
 
 
 def cmd_merge(args) -> int:

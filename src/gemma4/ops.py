@@ -33,7 +33,7 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
       - more rows: PyTorch's bf16 GEMM where bf16 is native (AMX / AVX-512 BF16), else fp32 GEMMs over
         blocks of the weight converted to fp32 (`_fp32_product`)."""
     if needs_autograd(x) and not w.requires_grad:  # fine-tuning through a frozen weight
-        return frozen_product(x, lambda x: linear(x, w), lambda n0, n1: w[n0:n1], w.shape[0])
+        return frozen_product(x, lambda x: linear(x, w), lambda n0, n1: w[n0:n1], w.shape[0], views=True)
     if x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel():
         rows = x.numel() // x.shape[-1]
         if needs_autograd(x, w):
@@ -52,29 +52,41 @@ class _FrozenProduct(torch.autograd.Function):
     fp32 copy of every weight for the backward: 2x a bf16 model's size, 8x an int4 one's."""
 
     @staticmethod
-    def forward(ctx, x, product, rows, n):
-        ctx.rows, ctx.n = rows, n
+    def forward(ctx, x, product, rows, n, views):
+        ctx.rows, ctx.n, ctx.views = rows, n, views
         return product(x)
 
     @staticmethod
     def backward(ctx, grad):
-        g = grad.reshape(-1, grad.shape[-1])
-        if grad.device.type != "cpu":  # a GPU multiplies bf16 natively: grad_y @ W in its own dtype, one product
-            w = ctx.rows(0, ctx.n)
-            return (g.to(w.dtype) @ w).view(*grad.shape[:-1], -1).to(grad.dtype), None, None, None
-        out, first = None, ctx.rows(0, 1)
-        block = max(64, (4 << 20) // (4 * first.shape[-1]))  # ~4 MB of fp32 weight rows a step
-        for n0 in range(0, ctx.n, block):
-            n1 = min(ctx.n, n0 + block)
-            part = g[:, n0:n1].float() @ ctx.rows(n0, n1).float()
-            out = part if out is None else out.add_(part)
-        return out.view(*grad.shape[:-1], -1).to(grad.dtype), None, None, None
+        g = frozen_grad(grad.reshape(-1, grad.shape[-1]), ctx.rows, ctx.n, ctx.views)
+        return g.view(*grad.shape[:-1], -1), None, None, None, None
 
 
-def frozen_product(x: torch.Tensor, product, rows, n: int) -> torch.Tensor:
+def frozen_grad(g: torch.Tensor, rows, n: int, views: bool) -> torch.Tensor:
+    """grad_y [M, N] @ W [N, K] -> grad_x [M, K] in g's dtype, W from rows(n0, n1) (see frozen_product)."""
+    first = rows(0, 1)
+    # bf16 gradients where the device multiplies bf16 natively (a GPU; AMX / AVX-512 BF16): grad_y @ W in bf16
+    # with fp32 sums, as F.linear's own backward; elsewhere fp32 products (emulated bf16 is ~6x slower)
+    native = g.dtype == torch.bfloat16 and (g.device.type != "cpu" or kernels.native_bf16())
+    if native and first.dtype == torch.bfloat16 and views:  # the weight itself, in one product
+        return g @ rows(0, n)
+    dtype = torch.bfloat16 if native else torch.float32
+    g32 = g.to(dtype)
+    out = torch.zeros(len(g), first.shape[-1], dtype=torch.float32, device=g.device)
+    block = max(64, (8 << 20) // (first.element_size() * first.shape[-1]))  # ~8 MB of weight rows a step
+    for n0 in range(0, n, block):
+        n1 = min(n, n0 + block)
+        if dtype == torch.float32:
+            out.addmm_(g32[:, n0:n1], rows(n0, n1).float())
+        else:
+            out.add_(g32[:, n0:n1] @ rows(n0, n1).to(dtype))
+    return out.to(g.dtype)
+
+
+def frozen_product(x: torch.Tensor, product, rows, n: int, views: bool = False) -> torch.Tensor:
     """product(x) = x @ W.T, differentiable in x only; rows(n0, n1) -> W[n0:n1] (any float dtype) for the
-    backward. See _FrozenProduct."""
-    return _FrozenProduct.apply(x, product, rows, n)
+    backward, `views`: a view of the stored weight (free), else made per call (dequantized). See _FrozenProduct."""
+    return _FrozenProduct.apply(x, product, rows, n, views)
 
 
 def _fp32_product(x: torch.Tensor, w: torch.Tensor, block_bytes: int = 3 << 20, depth: int = 2048) -> torch.Tensor:

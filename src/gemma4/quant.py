@@ -28,9 +28,16 @@ def quantized_product(x, qweight, scales, bits: int, group_size: int) -> torch.T
     if not ops.needs_autograd(x):
         return kernels.qmatmul(x, qweight, scales, bits, group_size)
     return ops.frozen_product(x, lambda x: kernels.qmatmul(x, qweight, scales, bits, group_size),
-                              lambda n0, n1: kernels.dequantize(qweight[n0:n1], scales[n0:n1], bits, group_size,
-                                                                x.dtype if x.is_cuda else torch.float32),
+                              lambda n0, n1: dequantized_rows(qweight, scales, bits, group_size, n0, n1, x.dtype),
                               qweight.shape[0])
+
+
+def dequantized_rows(qweight, scales, bits: int, group_size: int, n0: int, n1: int, dtype) -> torch.Tensor:
+    """W[n0:n1] dequantized: bf16 for bf16 activations (written as bf16 directly), else fp32."""
+    dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    K = scales.shape[1] * group_size
+    out = torch.empty(n1 - n0, K, dtype=dtype, device=qweight.device)
+    return kernels.dequantize(qweight[n0:n1], scales[n0:n1], bits, group_size, dtype, out=out)
 
 
 class QuantizedLinear(nn.Module):

@@ -369,13 +369,16 @@ class TextModel(nn.Module):
             x = x[:, keep]
         return (self.norm(x), last_kv) if return_kv else self.norm(x)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head's raw logits (before the softcap)."""
         if hasattr(self, "lm_head"):
-            logits = self.lm_head(hidden)
-        elif hasattr(self.embed_tokens, "project"):  # quantized tied table
-            logits = self.embed_tokens.project(hidden)
-        else:
-            logits = ops.linear(hidden, self.embed_tokens.weight)
+            return self.lm_head(hidden)
+        if hasattr(self.embed_tokens, "project"):  # quantized tied table
+            return self.embed_tokens.project(hidden)
+        return ops.linear(hidden, self.embed_tokens.weight)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden)
         cap = self.cfg.final_logit_softcap
         return torch.tanh(logits / cap) * cap if cap else logits
 

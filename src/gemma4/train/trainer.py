@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from ..memory import return_freed_heap
 from .data import IGNORE, Example, batches, collate
 from .lora import LoRAConfig, apply_lora, load_adapter, lora_parameters, save_adapter
 
-LOSS_CHUNK = 256  # learned tokens whose logits exist at once
+LOSS_BYTES = 128 << 20  # fp32 logits made at once (Gemma 4's 262K vocabulary: 128 tokens; three such live)
 
 
 @dataclass
@@ -65,10 +66,56 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _chunk_loss(hidden, labels, text):
-    with torch.autocast(hidden.device.type, torch.bfloat16, enabled=hidden.is_cuda):
-        logits = text.logits(hidden).float()
-    return F.cross_entropy(logits, labels, reduction="sum")
+def head_rows(text):
+    """(rows(n0, n1) -> LM head weight rows, vocabulary size, whether rows are views) for ops.frozen_grad."""
+    head = text.lm_head if hasattr(text, "lm_head") else text.embed_tokens
+    if hasattr(head, "qweight"):
+        from ..quant import dequantized_rows
+
+        return (lambda n0, n1: dequantized_rows(head.qweight, head.scales, head.bits, head.group_size, n0, n1,
+                                                head.dtype), head.qweight.shape[0], False)
+    return (lambda n0, n1: head.weight[n0:n1]), head.weight.shape[0], True
+
+
+class HeadLoss(torch.autograd.Function):
+    """Summed cross-entropy of softcapped LM-head logits, fused (as Liger's fused linear cross-entropy): the
+    forward makes the logits a chunk of tokens at a time and right away the gradient of the loss with respect to
+    the hidden states, [N, E], which is all the backward needs. No [N, vocab] tensor lives past its chunk, and
+    nothing is computed twice (autograd over the chunks would keep, or with checkpointing recompute, the
+    logits: 262K of them per token, and their softcap's and softmax's elementwise passes)."""
+
+    @staticmethod
+    def forward(ctx, hidden, labels, text):
+        from .. import ops
+
+        cap = text.cfg.final_logit_softcap
+        rows, n, views = head_rows(text)
+        chunk = max(16, LOSS_BYTES // (4 * n))
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden)
+        for s in range(0, len(labels), chunk):
+            h, y = hidden[s:s + chunk], labels[s:s + chunk]
+            z = text.head(h).float()  # [c, V]
+            if cap:
+                t = z.div_(cap).tanh_()  # z is t now
+                logits = t * cap
+            else:
+                t, logits = None, z
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, y[:, None])[:, 0]
+            total += (lse - picked).sum()
+            p = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            p[torch.arange(len(y), device=y.device), y] -= 1.0  # d loss / d logits
+            if cap:
+                p.mul_(t.mul_(t).neg_().add_(1.0))  # through the softcap: d (cap tanh(z / cap)) / dz = 1 - t^2
+            grad[s:s + chunk] = ops.frozen_grad(p.to(hidden.dtype), rows, n, views)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None
 
 
 def batch_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
@@ -84,13 +131,12 @@ def batch_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     learned = labels != IGNORE
     h, y = hidden[learned], labels[learned]  # [N, E], [N]: logits only where there is a loss
     text = model.language_model
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for s in range(0, len(y), LOSS_CHUNK):
-        part = (h[s:s + LOSS_CHUNK], y[s:s + LOSS_CHUNK], text)
-        if torch.is_grad_enabled():
-            total = total + torch.utils.checkpoint.checkpoint(_chunk_loss, *part, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(*part)
+    if torch.is_grad_enabled():
+        total = HeadLoss.apply(h, y, text)
+    else:
+        chunk = max(16, LOSS_BYTES // (4 * text.cfg.vocab_size))
+        total = sum((F.cross_entropy(text.logits(h[s:s + chunk]).float(), y[s:s + chunk], reduction="sum")
+                     for s in range(0, len(y), chunk)), torch.zeros((), device=h.device))
     return total, len(y)
 
 
@@ -213,6 +259,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_at(self.step, total, cfg)
             self.optimizer.step()
+            return_freed_heap()  # a step's activations go back to the system: the peak stays one step's
             self.step += 1
             record = {"step": self.step, "loss": loss_sum / n_learned, "lr": self.optimizer.param_groups[0]["lr"],
                       "tokens_per_s": tokens_seen / (time.perf_counter() - t0)}
