@@ -272,7 +272,8 @@ def test_fused_head_loss_equals_autograd(quantize, cap):
 
     text.cfg = dataclasses.replace(text.cfg, final_logit_softcap=cap)
     g = torch.Generator().manual_seed(0)
-    h = torch.randn(45, text.cfg.hidden_size, dtype=torch.float32, generator=g).requires_grad_()
+    # large hidden states: logits up to ~25, where the softcap bends them (1 - tanh^2 far from 1)
+    h = (50 * torch.randn(45, text.cfg.hidden_size, dtype=torch.float32, generator=g)).requires_grad_()
     y = torch.randint(0, 262144, (45,), generator=g)
     want = torch.nn.functional.cross_entropy(text.logits(h).float(), y, reduction="sum")
     (g_want,) = torch.autograd.grad(want, h)
@@ -285,5 +286,7 @@ def test_fused_head_loss_equals_autograd(quantize, cap):
     finally:
         trainer_module.LOSS_BYTES = old
     (g_got,) = torch.autograd.grad(2.0 * got, h)
-    assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
-    assert (g_got - 2.0 * g_want).abs().max().item() <= 1e-3 * g_want.abs().max().item()
+    # (an int4 head's products of 20 and of 45 rows round differently: bf16 GEMMs where bf16 is native)
+    tol = 1e-4 if quantize else 1e-5
+    assert abs(got.item() - want.item()) <= tol * abs(want.item())
+    assert (g_got - 2.0 * g_want).abs().max().item() <= 100 * tol * g_want.abs().max().item()
