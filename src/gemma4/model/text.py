@@ -345,26 +345,31 @@ class TextModel(nn.Module):
             if i == cfg.first_shared_layer and keep is not None:
                 # Copies, not views: the prompt-sized tensors are freed here, before the shared layers (a
                 # 512-token prefill of E2B in fp32 held 21 MB of PLE inputs and RoPE tables to the end).
-                p = x_normed = None  # the last layer's prompt-sized tensors
+                p = None  # the last layer's prompt-sized PLE input
                 x = x[:, keep].clone()
                 rope = {kd: (c[:, keep].clone(), s[:, keep].clone()) for kd, (c, s) in rope.items()}
                 cos, sin = rope[kind]
                 shared = {j: (k, v, m[:, :, keep]) for j, (k, v, m) in shared.items()}
                 if x.device.type == "cpu" and T > 1:
                     return_prompt_buffers()
-            x_normed = layer.input_layernorm(x)
-            if spec.kv_shared:  # K/V come explicitly from the donor layer
-                k, v, mask = shared[spec.kv_source]
+            p, ple[i] = ple[i], None
+
+            def run(x, p, cos, sin, layer=layer, spec=spec):
+                x_normed = layer.input_layernorm(x)
+                if spec.kv_shared:  # K/V come explicitly from the donor layer
+                    k, v, mask = shared[spec.kv_source]
+                else:
+                    k, v, mask = layer.self_attn.kv(x_normed, cos, sin, cache, keys_rope)
+                return layer(x, x_normed, p, cos, sin, k, v, mask), k, v, mask
+
+            if self.checkpointing and torch.is_grad_enabled():  # fine-tuning: the backward recomputes the layer
+                x, k, v, mask = torch.utils.checkpoint.checkpoint(run, x, p, cos, sin, use_reentrant=False)
             else:
-                k, v, mask = layer.self_attn.kv(x_normed, cos, sin, cache, keys_rope)
+                x, k, v, mask = run(x, p, cos, sin)
+            if not spec.kv_shared:
                 last_kv[kind] = (k, v, mask)
                 if i in self.donors:
                     shared[i] = (k, v, mask)
-            p, ple[i] = ple[i], None
-            if self.checkpointing and torch.is_grad_enabled():  # fine-tuning: recompute the layer in the backward
-                x = torch.utils.checkpoint.checkpoint(layer, x, x_normed, p, cos, sin, k, v, mask, use_reentrant=False)
-            else:
-                x = layer(x, x_normed, p, cos, sin, k, v, mask)
         if keep is not None and cfg.first_shared_layer == cfg.num_layers:
             x = x[:, keep]
         return (self.norm(x), last_kv) if return_kv else self.norm(x)
