@@ -290,3 +290,43 @@ def test_fused_head_loss_equals_autograd(quantize, cap):
     tol = 1e-4 if quantize else 1e-5
     assert abs(got.item() - want.item()) <= tol * abs(want.item())
     assert (g_got - 2.0 * g_want).abs().max().item() <= 100 * tol * g_want.abs().max().item()
+
+
+def test_conversations_with_images_train_through_the_vision_tower(tmp_path):
+    """A record whose user turn holds an image: the placeholders are expanded, the image encoded by the (frozen)
+    tower in the batch, and the loss depends on which image it is."""
+    import base64
+    import io
+    import json as json_module
+    from importlib import resources
+
+    from PIL import Image
+
+    import reference
+    from gemma4.config import parse_config
+    from gemma4.llm import tiny_random_model
+    from gemma4.train.data import collate
+    from gemma4.train.trainer import batch_loss
+
+    llm = gemma4.LLM(None)
+    config = json_module.loads(resources.files("gemma4").joinpath("data/tiny-random/config.json").read_text())
+    config.update(vision_config=reference.VISION_EDGE)
+    llm.model = tiny_random_model(config=parse_config(config))
+    llm.config = llm.model.config
+
+    def record(color):
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 48), color).save(buf, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                          {"type": "text", "text": "What color?"}]},
+                             {"role": "assistant", "content": "It is red."}]}
+
+    losses = []
+    for color in ("red", "blue"):
+        ex = encode_record(llm, record(color), "x:1")
+        assert len(ex.media) == 1 and ex.ids.count(llm.config.token_ids["image_token_id"]) == ex.media[0].num_tokens
+        assert llm.tokenizer.decode([i for i, keep in zip(ex.ids, ex.learn) if keep]) == "It is red.<turn|>"
+        loss, n = batch_loss(llm.model, collate([ex], llm.tokenizer.pad_id))
+        losses.append(loss.item() / n)
+    assert losses[0] != losses[1] and all(0 < x < 20 for x in losses)

@@ -81,10 +81,10 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        # x @ A.T in fp32 and scaled there ([..., r]: small); the product with B and the sum in y's dtype, so that
-        # no fp32 [..., out] tensor is made (with a bf16 base those were 20% of a training step)
-        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A) * self.scaling
-        return y + F.linear(h.to(y.dtype), self.lora_B.to(y.dtype))
+        # In the activations' dtype, as autocast would (A and B train in fp32, their gradients arrive through the
+        # cast): with a bf16 base, fp32 copies of x and an fp32 [..., out] product were 20% of a training step.
+        h = F.linear(self.dropout(x), self.lora_A.to(x.dtype)) * self.scaling
+        return y + F.linear(h, self.lora_B.to(x.dtype))
 
     def delta(self) -> torch.Tensor:
         """scaling * B @ A [out, in] in fp32: what merging adds to the weight."""
@@ -117,8 +117,8 @@ class LoRABank(nn.Module):
         from .. import ops
 
         y = self.base.matmul(x, e) if hasattr(self, "base") else ops.linear(x, self.weight[e])
-        h = F.linear(x.to(self.lora_A.dtype), self.lora_A[e]) * self.scaling
-        return y + F.linear(h.to(y.dtype), self.lora_B[e].to(y.dtype))
+        h = F.linear(x, self.lora_A[e].to(x.dtype)) * self.scaling
+        return y + F.linear(h, self.lora_B[e].to(x.dtype))
 
     def delta(self) -> torch.Tensor:
         return torch.einsum("eor,eri->eoi", self.lora_B.float(), self.lora_A.float()) * self.scaling
@@ -497,8 +497,8 @@ class ServedLoRALinear(nn.Module):
             ab = self.adapters.get(slot)
             if ab is not None:
                 A, B, scaling = ab
-                h = F.linear(x[rows].to(A.dtype), A) * scaling
-                y.index_add_(0, rows, F.linear(h.to(y.dtype), B.to(y.dtype)))
+                h = F.linear(x[rows], A.to(x.dtype)) * scaling
+                y.index_add_(0, rows, F.linear(h, B.to(x.dtype)))
         return y
 
 
@@ -527,8 +527,8 @@ class ServedLoRABank(nn.Module):
         for slot, (A, B, scaling) in self.adapters.items():
             sel = (slots == slot).nonzero().flatten()
             if len(sel):
-                h = F.linear(x[sel].to(A.dtype), A[e]) * scaling
-                y.index_add_(0, sel, F.linear(h.to(y.dtype), B[e].to(y.dtype)))
+                h = F.linear(x[sel], A[e].to(x.dtype)) * scaling
+                y.index_add_(0, sel, F.linear(h, B[e].to(x.dtype)))
         return y
 
 
