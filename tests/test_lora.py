@@ -25,6 +25,16 @@ def peft_model(ref, shape, seed=0, r=4, alpha=8):
     return peft.get_peft_model(ref, cfg)
 
 
+def adapted(model, seed, r, alpha, std=0.1):
+    """`model` with LoRA on every projection, A and B drawn at random (a trained adapter: B not zero)."""
+    torch.manual_seed(seed)
+    apply_lora(model, LoRAConfig(r=r, alpha=alpha))
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_(0, std)
+    return model
+
+
 def grads_in_peft_layout(model):
     """Our adapter gradients under PEFT's keys (adapter_state's layout applied to the .grad tensors)."""
     saved = {}
@@ -72,12 +82,7 @@ def test_our_adapter_loads_in_peft(ckpt, tmp_path, shape):
     import copy
 
     path, ref = ckpt(shape)
-    model = gemma4.load(path, dtype="float32", device="cpu")
-    torch.manual_seed(3)
-    apply_lora(model, LoRAConfig(r=4, alpha=16))
-    with torch.no_grad():
-        for p in lora_parameters(model):
-            p.normal_(0, 0.1)
+    model = adapted(gemma4.load(path, dtype="float32", device="cpu"), seed=3, r=4, alpha=16)
     save_adapter(model, tmp_path / "ours")
     cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 16 and sorted(cfg["target_modules"]) == sorted(MODULES)
@@ -92,12 +97,7 @@ def test_our_adapter_loads_in_peft(ckpt, tmp_path, shape):
 @pytest.mark.parametrize("shape", ["e2b", "26b"])
 def test_merged_checkpoint_equals_adapter_applied(ckpt, tmp_path, shape):
     path, _ = ckpt(shape)
-    model = gemma4.load(path, dtype="float32", device="cpu")
-    torch.manual_seed(5)
-    apply_lora(model, LoRAConfig(r=2, alpha=4))
-    with torch.no_grad():
-        for p in lora_parameters(model):
-            p.normal_(0, 0.1)
+    model = adapted(gemma4.load(path, dtype="float32", device="cpu"), seed=5, r=2, alpha=4)
     ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         want = model(ids)
@@ -129,11 +129,7 @@ def test_quantized_base_backward_dequantizes_without_keeping_a_copy(ckpt):
             elif hasattr(mq, "lookup"):
                 mf.weight.copy_(kernels.dequantize(mq.qweight, mq.scales, 4, 32))
     for model in (q, f):
-        torch.manual_seed(7)
-        apply_lora(model, LoRAConfig(r=4, alpha=8))
-        with torch.no_grad():
-            for p in lora_parameters(model):
-                p.normal_(0, 0.05)
+        adapted(model, seed=7, r=4, alpha=8, std=0.05)
     ids = torch.randint(0, 512, (2, 11), generator=torch.Generator().manual_seed(8))
     saved = []
 
