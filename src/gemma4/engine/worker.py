@@ -12,6 +12,8 @@ Prompt chunks (and steps with media) run eagerly.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..model import Gemma4
@@ -93,18 +95,15 @@ class Worker:
 
     def adapters(self, slots: list[int] | None):
         """A context in which the forward's rows use these served adapters (slot per row, 0: none)."""
-        worker = self
+        return self._routed(slots) if self.routing is not None else contextlib.nullcontext()
 
-        class Using:
-            def __enter__(self):
-                if worker.routing is not None:
-                    worker.routing.set(slots, worker.model.device)
-
-            def __exit__(self, *exc):
-                if worker.routing is not None:
-                    worker.routing.set(None, None)
-
-        return Using()
+    @contextlib.contextmanager
+    def _routed(self, slots):
+        self.routing.set(slots, self.model.device)
+        try:
+            yield
+        finally:
+            self.routing.set(None, None)
 
     def forward_with_kv(self, ids: list[int], start: int, table: dict, media=None, every_token: bool = False,
                         adapter: int = 0):

@@ -228,16 +228,12 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 # ---- PEFT's format ------------------------------------------------------------------------------------------
 
-def _peft_prefix(model) -> str:
-    """What PEFT puts before our module path: transformers' Gemma4ForConditionalGeneration keeps the decoder under
-    model.language_model, Gemma4ForCausalLM (a text-only checkpoint) under model."""
-    return "base_model.model.model."
-
-
 def _peft_path(model, path: str) -> str:
+    """Our module path -> PEFT's key prefix: transformers' Gemma4ForConditionalGeneration keeps the decoder under
+    model.language_model, Gemma4ForCausalLM (a text-only checkpoint) under model."""
     if model.config.architecture != "Gemma4ForConditionalGeneration" and path.startswith("language_model."):
         path = path[len("language_model."):]
-    return _peft_prefix(model) + path
+    return "base_model.model.model." + path
 
 
 def peft_key(model: nn.Module, path: str) -> str:
