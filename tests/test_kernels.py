@@ -272,9 +272,12 @@ def test_bf16_matmul_routes_decode_rows_to_the_kernel(kernel, monkeypatch):
     assert calls == [(1, 1, 128), (2, 3, 128), (16, 128), (4, 16, 128), (1, 128)]
     assert matmul(torch.randn(1, 128), w.float()).dtype == torch.float32  # fp32: plain F.linear
     x = torch.randn(2, 128).bfloat16().requires_grad_()
-    out = matmul(x, w)  # a graph: never the kernel, which has no backward
+    out = matmul(x, w)  # a frozen weight under autograd (LoRA's base): the kernel forward, ops.frozen_grad backward
     out.float().sum().backward()
-    assert len(calls) == 5 and torch.allclose(x.grad.float(), w.float().sum(0).expand(2, -1), rtol=2 ** -7)
+    assert len(calls) == 6 and torch.allclose(x.grad.float(), w.float().sum(0).expand(2, -1), rtol=2 ** -7)
+    trained = w.clone().requires_grad_()
+    matmul(torch.randn(2, 128).bfloat16().requires_grad_(), trained).float().sum().backward()
+    assert len(calls) == 6 and trained.grad is not None  # a weight that trains: never the kernel
     # bf16 GEMM native: the kernel takes 1-2 rows (1-8 in the avx512_bf16 build), PyTorch's GEMM the rest
     hardware._chosen["native_bf16"] = True
     kernels._native = None
