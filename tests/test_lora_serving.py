@@ -19,7 +19,8 @@ ORDER = [None, "a", "b", "a", None, "b"]
 def adapters(tmp_path_factory):
     """Two adapters of the built-in tiny model, of different ranks and modules, with large random weights."""
     out = {}
-    for name, seed, rank, modules in (("a", 1, 4, ("q_proj", "down_proj")), ("b", 2, 8, ("v_proj", "o_proj", "up_proj"))):
+    for name, seed, rank, modules in (("a", 1, 4, ("q_proj", "down_proj")),
+                                      ("b", 2, 8, ("v_proj", "o_proj", "up_proj"))):
         llm = LLM()
         torch.manual_seed(seed)
         apply_lora(llm.model, LoRAConfig(r=rank, alpha=8, target_modules=modules))

@@ -198,10 +198,11 @@ class Gemma4(nn.Module):
                positions: torch.Tensor | None = None, *, media=None, pixel_values=None, image_position_ids=None,
                pixel_values_videos=None, video_position_ids=None, input_features=None,
                input_features_mask=None) -> torch.Tensor:
-        """The final-normed hidden states [B, T, E] that `forward` turns into logits. Media either as soft-token embeddings (`media`, see `embed`) or as the
-        reference's processed tensors: images `pixel_values` [N, P, 768] + `image_position_ids` [N, P, 2],
-        video frames `pixel_values_videos` + `video_position_ids` (all frames stacked), audio `input_features`
-        [N, T, 128] + `input_features_mask` [N, T]; each fills its own kind of slot in order."""
+        """The final-normed hidden states [B, T, E] that `forward` turns into logits (fine-tuning takes these).
+        Media either as soft-token embeddings (`media`, see `embed`) or as the reference's processed tensors:
+        images `pixel_values` [N, P, 768] + `image_position_ids` [N, P, 2], video frames `pixel_values_videos` +
+        `video_position_ids` (all frames stacked), audio `input_features` [N, T, 128] + `input_features_mask`
+        [N, T]; each fills its own kind of slot in order."""
         check_token_ids(input_ids, self.config.text.vocab_size)
         input_ids = input_ids.to(self.device)
         valid = None
