@@ -132,6 +132,8 @@ def batch_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     h, y = hidden[learned], labels[learned]  # [N, E], [N]: logits only where there is a loss
     text = model.language_model
     if torch.is_grad_enabled():
+        if h.device.type == "cpu":
+            return_freed_heap()  # the decoder's freed buffers, before the loss's 128 MB logit chunks
         total = HeadLoss.apply(h, y, text)
     else:
         chunk = max(16, LOSS_BYTES // (4 * text.cfg.vocab_size))
@@ -251,6 +253,7 @@ class Trainer:
             loss_sum = 0.0
             for p in parts:  # each micro-batch's gradient scaled to the step's mean
                 loss, _ = batch_loss(self.model, p)
+                return_freed_heap()  # the forward's freed buffers, before the backward's (RSS peaked on both)
                 (loss / n_learned).backward()
                 loss_sum += loss.item()
                 tokens_seen += int(p["attention_mask"].sum())
