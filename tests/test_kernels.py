@@ -634,3 +634,45 @@ def test_arm_build_of_the_torch_ops_compiles(isa):
     done = subprocess.run([CROSS, "-fsyntax-only", "-std=c++17", *hardware.ISA_FLAGS[isa], f"-DGEMMA4_OPS=gemma4_{isa}",
                            *(f"-I{p}" for p in include_paths()), str(CSRC / "qgemv.cpp")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("bits", [None, 4, 8])
+@pytest.mark.parametrize("N,K", [(96, 672), (300, 128)])  # wide (down_proj: column blocks), tall (row blocks)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_grad_in_blocks(bf16_gemm, monkeypatch, bits, N, K, dtype):
+    """The backward of a frozen (LoRA base) weight: grad_y @ W a block of W at a time (dequantized per block when
+    quantized) equals the whole product; through autograd too. Blocks made small so that every path cuts W."""
+    from gemma4 import ops, quant
+
+    monkeypatch.setattr(ops, "FROZEN_BLOCK_BYTES", 64 * 128 * 4)
+    g = torch.Generator().manual_seed(N + K + (bits or 0))
+    w, gy = torch.randn(N, K, generator=g) * 0.1, torch.randn(24, N, generator=g).to(dtype)
+    if bits is None:
+        w = w.to(dtype)
+        wd, align, block = w.double(), 64, lambda n0, n1, k0, k1, dt: w[n0:n1, k0:k1]
+    else:
+        q, s = quantize(w, bits, 32)
+        wd, align = dequantize(q, s, bits, 32).double(), 32
+        block = lambda n0, n1, k0, k1, dt: quant.dequantized_block(q, s, bits, 32, n0, n1, k0, k1, dt)
+    blocks = []
+    out = ops.frozen_grad(gy, lambda *a: blocks.append(a[:4]) or block(*a), (N, K), align)
+    assert out.dtype == dtype and out.shape == (24, K)
+    cover = torch.zeros(N, K, dtype=torch.int)  # the blocks tile W exactly once, columns cut at `align`
+    for n0, n1, k0, k1 in blocks:
+        assert k0 % align == 0 and (k1 % align == 0 or k1 == K)
+        cover[n0:n1, k0:k1] += 1
+    assert len(blocks) > 1 and (cover == 1).all()
+    exact, magnitude = gy.double() @ wd, gy.double().abs() @ wd.abs()
+    bf16 = dtype == torch.bfloat16
+    # native bf16: quantized weights dequantized to bf16, and each row block's product rounded to bf16 before
+    # the fp32 sum (the CPU's bf16 GEMM has no fp32 output): at most 2^-9 of each |g w| more
+    weights = 2 ** -9 if bf16 and bf16_gemm else 1e-6
+    bound = exact.abs() * (2 ** -8 if bf16 else 1e-6) + magnitude * weights
+    assert ((out.double() - exact).abs() <= bound).all()
+    x = torch.randn(24, K, generator=g).to(dtype).requires_grad_()
+    if bits is None:
+        y = ops.linear(x, w)
+    else:
+        y = quant.quantized_product(x, q, s, bits, 32)
+    y.backward(gy)
+    assert ((x.grad.double() - exact).abs() <= bound).all()

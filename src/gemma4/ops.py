@@ -33,7 +33,8 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
       - more rows: PyTorch's bf16 GEMM where bf16 is native (AMX / AVX-512 BF16), else fp32 GEMMs over
         blocks of the weight converted to fp32 (`_fp32_product`)."""
     if needs_autograd(x) and not w.requires_grad:  # fine-tuning through a frozen weight
-        return frozen_product(x, lambda x: linear(x, w), lambda n0, n1: w[n0:n1], w.shape[0], views=True)
+        return frozen_product(x, lambda x: linear(x, w), lambda n0, n1, k0, k1, dtype: w[n0:n1, k0:k1], w.shape,
+                              views=True)
     if x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel():
         rows = x.numel() // x.shape[-1]
         if needs_autograd(x, w):
@@ -47,46 +48,62 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 class _FrozenProduct(torch.autograd.Function):
     """y = x @ W.T through a weight that does not train (LoRA's base, plain or quantized): the forward takes the
-    inference path (the kernels), the backward computes grad_x = grad_y @ W from W itself, a block of rows at a
-    time (dequantized per block when quantized). Autograd through F.linear(x.float(), w.float()) would keep an
+    inference path (the kernels), the backward computes grad_x = grad_y @ W from W itself, a block at a time
+    (dequantized per block when quantized). Autograd through F.linear(x.float(), w.float()) would keep an
     fp32 copy of every weight for the backward: 2x a bf16 model's size, 8x an int4 one's."""
 
     @staticmethod
-    def forward(ctx, x, product, rows, n, views):
-        ctx.rows, ctx.n, ctx.views = rows, n, views
+    def forward(ctx, x, product, block, shape, align, views):
+        ctx.block, ctx.shape, ctx.align, ctx.views = block, shape, align, views
         return product(x)
 
     @staticmethod
     def backward(ctx, grad):
-        g = frozen_grad(grad.reshape(-1, grad.shape[-1]), ctx.rows, ctx.n, ctx.views)
-        return g.view(*grad.shape[:-1], -1), None, None, None, None
+        g = frozen_grad(grad.reshape(-1, grad.shape[-1]), ctx.block, ctx.shape, ctx.align, ctx.views)
+        return g.view(*grad.shape[:-1], -1), None, None, None, None, None
 
 
-def frozen_grad(g: torch.Tensor, rows, n: int, views: bool) -> torch.Tensor:
-    """grad_y [M, N] @ W [N, K] -> grad_x [M, K] in g's dtype, W from rows(n0, n1) (see frozen_product)."""
-    first = rows(0, 1)
+FROZEN_BLOCK_BYTES = 8 << 20  # the weight made per step of a blocked frozen_grad
+
+
+def frozen_grad(g: torch.Tensor, block, shape, align: int = 64, views: bool = False) -> torch.Tensor:
+    """grad_y [M, N] @ W [N, K] -> grad_x [M, K] in g's dtype, W read through block(n0, n1, k0, k1, dtype) ->
+    W[n0:n1, k0:k1] (see frozen_product; column cuts at multiples of `align`)."""
+    N, K = shape
     # bf16 gradients where the device multiplies bf16 natively (a GPU; AMX / AVX-512 BF16): grad_y @ W in bf16
     # with fp32 sums, as F.linear's own backward; elsewhere fp32 products (emulated bf16 is ~6x slower)
     native = g.dtype == torch.bfloat16 and (g.device.type != "cpu" or kernels.native_bf16())
-    if native and first.dtype == torch.bfloat16 and views:  # the weight itself, in one product
-        return g @ rows(0, n)
     dtype = torch.bfloat16 if native else torch.float32
-    g32 = g.to(dtype)
-    out = torch.zeros(len(g), first.shape[-1], dtype=torch.float32, device=g.device)
-    block = max(64, (8 << 20) // (first.element_size() * first.shape[-1]))  # ~8 MB of weight rows a step
-    for n0 in range(0, n, block):
-        n1 = min(n, n0 + block)
+    if native and views:  # the weight itself, in one product
+        return g @ block(0, N, 0, K, dtype)
+    g2, size = g.to(dtype), FROZEN_BLOCK_BYTES // (2 if native else 4)  # weight elements per block
+    if K > N:  # a wide input (down_proj): blocks of whole columns, each product final, written where it belongs
+        # (row blocks summed into an fp32 [M, K] were 3.5 s of a 12 s QLoRA step of E2B, whose down_proj is 12288
+        # wide: fresh [M, K] temporaries per block, each a new mapping to fault in)
+        cols = max(align, size // N // align * align)
+        cols = -(-K // (-(-K // cols) * align)) * align  # equal slices (GEMMs on a ragged last one ran slower)
+        out = torch.empty(len(g), K, dtype=dtype, device=g.device)
+        for k0 in range(0, K, cols):
+            k1 = min(K, k0 + cols)
+            torch.mm(g2, block(0, N, k0, k1, dtype).to(dtype), out=out[:, k0:k1])
+        return out.to(g.dtype)
+    rows = max(64, size // K)  # a tall weight (the LM head, an MLP's gate): row blocks summed in fp32 [M, K]
+    out = torch.zeros(len(g), K, dtype=torch.float32, device=g.device)
+    for n0 in range(0, N, rows):
+        w = block(n0, min(N, n0 + rows), 0, K, dtype).to(dtype)
         if dtype == torch.float32:
-            out.addmm_(g32[:, n0:n1], rows(n0, n1).float())
+            out.addmm_(g2[:, n0:n0 + len(w)], w)
         else:
-            out.add_(g32[:, n0:n1] @ rows(n0, n1).to(dtype))
+            out.add_(g2[:, n0:n0 + len(w)] @ w)
     return out.to(g.dtype)
 
 
-def frozen_product(x: torch.Tensor, product, rows, n: int, views: bool = False) -> torch.Tensor:
-    """product(x) = x @ W.T, differentiable in x only; rows(n0, n1) -> W[n0:n1] (any float dtype) for the
-    backward, `views`: a view of the stored weight (free), else made per call (dequantized). See _FrozenProduct."""
-    return _FrozenProduct.apply(x, product, rows, n, views)
+def frozen_product(x: torch.Tensor, product, block, shape, align: int = 64, views: bool = False) -> torch.Tensor:
+    """product(x) = x @ W.T, differentiable in x only; W [N, K] = `shape` is read for the backward through
+    block(n0, n1, k0, k1, dtype) -> W[n0:n1, k0:k1] in any float dtype (`dtype` is the product's: a quantized
+    weight is dequantized straight to it), column cuts at multiples of `align`; `views`: the blocks are views of
+    the stored weight (free), else made per call. See _FrozenProduct."""
+    return _FrozenProduct.apply(x, product, block, shape, align, views)
 
 
 def _fp32_product(x: torch.Tensor, w: torch.Tensor, block_bytes: int = 3 << 20, depth: int = 2048) -> torch.Tensor:

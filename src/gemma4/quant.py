@@ -28,16 +28,24 @@ def quantized_product(x, qweight, scales, bits: int, group_size: int) -> torch.T
     if not ops.needs_autograd(x):
         return kernels.qmatmul(x, qweight, scales, bits, group_size)
     return ops.frozen_product(x, lambda x: kernels.qmatmul(x, qweight, scales, bits, group_size),
-                              lambda n0, n1: dequantized_rows(qweight, scales, bits, group_size, n0, n1, x.dtype),
-                              qweight.shape[0])
+                              lambda n0, n1, k0, k1, dtype: dequantized_block(qweight, scales, bits, group_size,
+                                                                              n0, n1, k0, k1, dtype),
+                              (qweight.shape[0], scales.shape[1] * group_size), align=group_size)
 
 
-def dequantized_rows(qweight, scales, bits: int, group_size: int, n0: int, n1: int, dtype) -> torch.Tensor:
-    """W[n0:n1] dequantized: bf16 for bf16 activations (written as bf16 directly), else fp32."""
+def dequantized_block(qweight, scales, bits: int, group_size: int, n0: int, n1: int, k0: int, k1: int, dtype):
+    """W[n0:n1, k0:k1] (k0, k1 multiples of group_size) dequantized: bf16 for bf16 (written as bf16 directly),
+    else fp32; on a CPU into a buffer reused by the next call (a fresh one per block is a new mapping to fault
+    in)."""
     dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
-    K = scales.shape[1] * group_size
-    out = torch.empty(n1 - n0, K, dtype=dtype, device=qweight.device)
-    return kernels.dequantize(qweight[n0:n1], scales[n0:n1], bits, group_size, dtype, out=out)
+    per_byte = 2 if bits == 4 else 1
+    q = qweight[n0:n1, k0 // per_byte:k1 // per_byte]
+    s = scales[n0:n1, k0 // group_size:k1 // group_size]
+    if qweight.device.type == "cpu":
+        out = kernels.scratch("frozen grad", (n1 - n0) * (k1 - k0), dtype).view(n1 - n0, k1 - k0)
+    else:
+        out = torch.empty(n1 - n0, k1 - k0, dtype=dtype, device=qweight.device)
+    return kernels.dequantize(q, s, bits, group_size, dtype, out=out)
 
 
 class QuantizedLinear(nn.Module):

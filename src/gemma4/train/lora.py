@@ -84,7 +84,9 @@ class LoRALinear(nn.Module):
         # In the activations' dtype, as autocast would (A and B train in fp32, their gradients arrive through the
         # cast): with a bf16 base, fp32 copies of x and an fp32 [..., out] product were 20% of a training step.
         h = F.linear(self.dropout(x), self.lora_A.to(x.dtype)) * self.scaling
-        return y + F.linear(h, self.lora_B.to(x.dtype))
+        # y + h @ B.T as one addmm: a separate [..., out] product and sum were two fresh tensors per projection
+        return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]),
+                           self.lora_B.to(x.dtype).t()).view(y.shape)
 
     def delta(self) -> torch.Tensor:
         """scaling * B @ A [out, in] in fp32: what merging adds to the weight."""

@@ -66,15 +66,17 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def head_rows(text):
-    """(rows(n0, n1) -> LM head weight rows, vocabulary size, whether rows are views) for ops.frozen_grad."""
+def head_weight(text):
+    """(block(n0, n1, k0, k1, dtype) -> LM head weight block, its shape, whether blocks are views) for
+    ops.frozen_grad."""
     head = text.lm_head if hasattr(text, "lm_head") else text.embed_tokens
     if hasattr(head, "qweight"):
-        from ..quant import dequantized_rows
+        from ..quant import dequantized_block
 
-        return (lambda n0, n1: dequantized_rows(head.qweight, head.scales, head.bits, head.group_size, n0, n1,
-                                                head.dtype), head.qweight.shape[0], False)
-    return (lambda n0, n1: head.weight[n0:n1]), head.weight.shape[0], True
+        shape = (head.qweight.shape[0], head.scales.shape[1] * head.group_size)
+        return (lambda n0, n1, k0, k1, dtype: dequantized_block(head.qweight, head.scales, head.bits,
+                                                                head.group_size, n0, n1, k0, k1, dtype)), shape, False
+    return (lambda n0, n1, k0, k1, dtype: head.weight[n0:n1, k0:k1]), tuple(head.weight.shape), True
 
 
 class HeadLoss(torch.autograd.Function):
@@ -89,26 +91,32 @@ class HeadLoss(torch.autograd.Function):
         from .. import ops
 
         cap = text.cfg.final_logit_softcap
-        rows, n, views = head_rows(text)
-        chunk = max(16, LOSS_BYTES // (4 * n))
+        block, shape, views = head_weight(text)
+        chunk = max(16, LOSS_BYTES // (4 * shape[0]))
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden)
+        # Every [c, V] step in place in two fp32 buffers made once: a fresh tensor per step was a new mapping
+        # each (2 GB, 525k page faults a 512-token E2B step, a third of the loss's time)
+        bufs = torch.empty(2 if cap else 1, min(chunk, len(labels)), shape[0], dtype=torch.float32,
+                           device=hidden.device)
         for s in range(0, len(labels), chunk):
             h, y = hidden[s:s + chunk], labels[s:s + chunk]
-            z = text.head(h).float()  # [c, V]
+            z = text.head(h)  # [c, V] raw logits, in hidden's dtype
+            logits = bufs[0][:len(y)].copy_(z)
+            t = None
             if cap:
-                t = z.div_(cap).tanh_()  # z is t now
-                logits = t * cap
-            else:
-                t, logits = None, z
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, y[:, None])[:, 0]
-            total += (lse - picked).sum()
-            p = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                t = logits.div_(cap).tanh_()  # bufs[0] is t = tanh(z / cap) now
+                logits = torch.mul(t, cap, out=bufs[1][:len(y)])
+            picked = logits.gather(1, y[:, None])
+            top = logits.amax(dim=-1, keepdim=True)
+            p = logits.sub_(top).exp_()  # exp(logits - max), in place of the logits
+            norm = p.sum(dim=-1, keepdim=True)
+            total += (top + norm.log() - picked).sum()  # logsumexp - the label's logit
+            p.div_(norm)  # softmax
             p[torch.arange(len(y), device=y.device), y] -= 1.0  # d loss / d logits
             if cap:
                 p.mul_(t.mul_(t).neg_().add_(1.0))  # through the softcap: d (cap tanh(z / cap)) / dz = 1 - t^2
-            grad[s:s + chunk] = ops.frozen_grad(p.to(hidden.dtype), rows, n, views)
+            grad[s:s + chunk] = ops.frozen_grad(z.copy_(p), block, shape, views=views)  # z's memory holds p
         ctx.save_for_backward(grad)
         return total
 
