@@ -37,6 +37,10 @@ def _info_config(model: str | None) -> ModelConfig:
     if model is None:
         print(TINY_NOTICE, file=sys.stderr)
         return load_config(str(resources.files("gemma4").joinpath("data/tiny-random/config.json")))
+    from .weights.gguf import GGUFModel, find_gguf
+
+    if find_gguf(model):  # a GGUF file: its metadata
+        return GGUFModel(find_gguf(model)).config
     if os.path.isfile(model):  # a config.json given directly
         return load_config(model)
     # A hub id fetches config.json only, not the weight shards.
@@ -256,6 +260,27 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .weights.gguf import export_gguf
+
+    if os.path.exists(args.gguf):
+        raise ValueError(f"--gguf {args.gguf} exists; give a new file name")
+    if not args.gguf.endswith(".gguf"):
+        raise ValueError(f"--gguf {args.gguf}: the file name must end in .gguf")
+    llm = LLM(args.model, dtype="float32" if args.type == "f32" else None, device="cpu")
+    if args.adapter:  # a LoRA adapter folded in first (as `gemma4 merge`)
+        from .train.lora import load_adapter, merge_lora
+
+        if getattr(llm.model, "quantization", None):
+            raise ValueError(f"{args.model} is quantized: merge an adapter into the float base")
+        load_adapter(llm.model, args.adapter)
+        merge_lora(llm.model)
+    source = llm.checkpoint if llm.checkpoint and os.path.isdir(llm.checkpoint) else None
+    export_gguf(llm.model, args.gguf, args.type, model_dir=source, chat_template=llm.chat_template)
+    print(f"wrote {args.type} GGUF to {args.gguf}")
+    return 0
+
+
 # ---- gemma4 serve ----
 
 def _parse_bytes(text: str | None, flag: str = "--kv-memory") -> int | None:
@@ -417,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gemma4", description="Google's Gemma 4 models in plain PyTorch.")
     parser.add_argument("--version", action="version", version=f"gemma4 {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    model_help = "checkpoint directory or Hugging Face hub id (default: the built-in tiny random model)"
+    model_help = "checkpoint directory, GGUF file or Hugging Face hub id (default: the built-in tiny random model)"
 
     p = sub.add_parser("info", help="architecture, parameter counts and K/V cache size, from config.json alone")
     p.add_argument("--model", help=model_help)
@@ -499,6 +524,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--dtype", help="dtype of the merged weights (default: the checkpoint's)")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="write the model as a GGUF file llama.cpp runs (its converter's layout)")
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--gguf", required=True, help="output file (.gguf)")
+    p.add_argument("--type", choices=["f32", "f16", "bf16", "q8_0", "q4_0"], default="bf16",
+                   help="tensor type (norms and the router stay f32, as llama.cpp's converter keeps them; "
+                        "default bf16)")
+    p.add_argument("--adapter", help="a LoRA adapter (PEFT format) merged into the weights first")
+    p.set_defaults(func=cmd_export)
 
     def load_options(p):
         p.add_argument("--model", help=model_help)

@@ -71,7 +71,7 @@ class LLM:
                  kv_memory: int | None = None, max_seqs: int = 16, prefill_chunk: int = 512,
                  cuda_graphs: bool | None = None, draft_model: str | os.PathLike | None = None,
                  num_draft_tokens: int | None = None, lora: dict | None = None):
-        """`path`: checkpoint directory or hub id (None: the built-in tiny random model). `quantize`:
+        """`path`: checkpoint directory, GGUF file or hub id (None: the built-in tiny random model). `quantize`:
         "int8" / "int4" weight-only, done at load (or load a checkpoint saved by `save_quantized`).
         The engine (engine/engine.py) runs everything: `kv_memory` bytes of K/V (default: 2 GiB on a CPU, 90%
         of free memory on a GPU), `max_seqs` sequences at once, `prefill_chunk` tokens per step; `compile`:
@@ -142,7 +142,12 @@ class LLM:
     def tokenizer(self):
         """Loaded on first use (a second and ~100 MB that token-id-only callers do not need)."""
         if self._tokenizer is None:
-            ckpt = self.checkpoint
+            ckpt, gguf_file = self.checkpoint, getattr(self.model, "gguf", None)
+            if gguf_file is not None:  # the file's own vocabulary (gguf_tokenizer: the built-in one if the same)
+                from .weights.gguf import gguf_tokenizer
+
+                self._tokenizer = gguf_tokenizer(gguf_file) or load_tokenizer(None)
+                return self._tokenizer
             has_own = ckpt is not None and os.path.isfile(os.path.join(ckpt, "tokenizer.json"))
             self._tokenizer = load_tokenizer(ckpt if has_own else None)
         return self._tokenizer
@@ -153,7 +158,10 @@ class LLM:
         if getattr(self, "_chat_template", None) is None:
             from .chat.template import load_chat_template, template_family
 
-            self._chat_template = load_chat_template(self.checkpoint, template_family(self.config))
+            gguf_file = getattr(self.model, "gguf", None)
+            own = gguf_file.field("tokenizer.chat_template") if gguf_file is not None else None
+            self._chat_template = own or load_chat_template(None if gguf_file is not None else self.checkpoint,
+                                                            template_family(self.config))
         return self._chat_template
 
     def render_chat(self, messages, tools=None, add_generation_prompt: bool = True, enable_thinking: bool = False,

@@ -143,8 +143,12 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
 @functools.lru_cache(maxsize=1)
 def _builtin() -> Tokenizer:
     # Cached: parsing 262144 tokens and 514906 merges takes about a second.
-    data = resources.files(__package__).joinpath(_BUILTIN)
-    return _from_json(gzip.decompress(data.read_bytes()), _BUILTIN)
+    return _from_json(builtin_json(), _BUILTIN)
+
+
+def builtin_json() -> bytes:
+    """The built-in tokenizer.json (Gemma 4's, as published)."""
+    return gzip.decompress(resources.files(__package__).joinpath(_BUILTIN).read_bytes())
 
 
 def _from_json(raw: bytes, origin) -> Tokenizer:

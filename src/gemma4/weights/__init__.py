@@ -18,10 +18,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from . import kernels, memory
-from .config import ModelConfig, load_config
-from .kernels import DEFAULT_GROUP_SIZE
-from .model import Gemma4, empty_model
+from .. import kernels, memory
+from ..config import ModelConfig, load_config
+from ..kernels import DEFAULT_GROUP_SIZE
+from ..model import Gemma4, empty_model
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64,
            "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -37,10 +37,10 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, config_only: bool = False)
     """A local directory, or a Hugging Face hub id looked up in the local hub cache first (then downloaded;
     `config_only`: just the JSON files, not gigabytes of weights)."""
     path = os.fspath(path_or_id)
-    if os.path.isdir(path):
+    if os.path.isdir(path) or path.endswith(".gguf") and os.path.isfile(path):
         return path
     if os.path.exists(path):
-        raise FileNotFoundError(f"{path} is a file; give the checkpoint directory (with config.json)")
+        raise FileNotFoundError(f"{path} is a file; give the checkpoint directory (with config.json) or a .gguf file")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith((".", "/")):
         from huggingface_hub import snapshot_download
 
@@ -125,7 +125,13 @@ def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None 
     2.3B (E2B) parameters are never read into memory. `quantize`: "int8" / "int4" weight-only, done here;
     a checkpoint saved quantized (config.json `quantization_config`) loads as such.
     """
+    from .gguf import find_gguf, load_gguf
+
     ckpt = resolve_checkpoint(path)
+    if find_gguf(ckpt):
+        if media:
+            raise ValueError(f"{ckpt}: the vision / audio towers of a GGUF model (its mmproj file) are not read yet")
+        return load_gguf(find_gguf(ckpt), dtype=dtype, device=device, quantize=quantize, group_size=group_size)
     config = load_config(ckpt)
     device = resolve_device(device)
     saved_quant = _saved_quantization(ckpt)
@@ -141,7 +147,7 @@ def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None 
     dtype = resolve_dtype(dtype, config)
     if quantize is not None and saved_quant:
         raise ValueError(f"{ckpt} is already quantized ({saved_quant['bits']}-bit); load it without quantize=")
-    from .quant import parse_quantize
+    from ..quant import parse_quantize
 
     bits = parse_quantize(quantize)
     files = safetensors_files(ckpt)
@@ -149,7 +155,7 @@ def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None 
         media = _has_towers(files, config)
     model = empty_model(config, media=bool(media))
     if saved_quant:
-        from .quant import quantize_structure
+        from ..quant import quantize_structure
 
         quantize_structure(model.language_model, saved_quant["bits"], saved_quant["group_size"], dtype)
     # Weights quantized here are read in their stored dtype (memory-mapped, quantized one by one): converting
@@ -194,7 +200,7 @@ def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None 
     model.requires_grad_(False)
     model.quantization = saved_quant
     if bits:
-        from .quant import QuantizedLinear, quantize_model
+        from ..quant import QuantizedLinear, quantize_model
 
         quantize_model(model, bits, group_size)
         if dtype != read_dtype:  # what stayed float (norms, scalars, the router, the towers) -> dtype
@@ -217,7 +223,7 @@ def _read_sparsely(model) -> list[torch.Tensor]:
     """Tensors a step reads only parts of, which stay memory-mapped so that only those parts become resident:
     the PLE table (a row per token) and the MoE experts (8 of 128 per token: an int4 26B-A4B decodes with
     3.7 GB resident of its 13 GB)."""
-    from .model.text import Experts
+    from ..model.text import Experts
 
     text = model.language_model
     sparse = [text.embed_tokens_per_layer.weight] if hasattr(text, "embed_tokens_per_layer") else []
@@ -240,10 +246,12 @@ class FileRows:
     with the whole table resident. pread copies the rows from the page cache and maps nothing: 512 rows take
     ~8 ms here, one row ~17 us."""
 
-    def __init__(self, file: str, offset: int, shape: tuple[int, int], dtype: torch.dtype):
+    def __init__(self, file: str, offset: int, shape: tuple[int, int], dtype: torch.dtype,
+                 row_bytes: int | None = None, decode=None):
+        """`decode`: raw rows uint8 [n, row_bytes] -> float rows [n, shape[1]], for a quantized table (GGUF)."""
         self.file = open(file, "rb", buffering=0)  # closed with this object
-        self.offset, self.shape, self.dtype = offset, shape, dtype
-        self.row_bytes = shape[1] * dtype.itemsize
+        self.offset, self.shape, self.dtype, self.decode = offset, shape, dtype, decode
+        self.row_bytes = row_bytes or shape[1] * dtype.itemsize
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1).tolist()
@@ -254,6 +262,9 @@ class FileRows:
         for i, token in enumerate(flat):
             if os.preadv(self.file.fileno(), [view[i * n:(i + 1) * n]], self.offset + token * n) != n:
                 raise OSError(f"{self.file.name}: short read of the per-layer embedding table")
+        if self.decode is not None:
+            raw = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+            return self.decode(raw.view(len(flat), n)).view(*ids.shape, self.shape[1])
         rows = torch.frombuffer(buf, dtype=self.dtype) if buf else torch.empty(0, dtype=self.dtype)
         return rows.view(*ids.shape, self.shape[1])
 
@@ -298,7 +309,7 @@ def _saved_quantization(ckpt: str) -> dict | None:
         q = json.load(f).get("quantization_config")
     if q is None:
         return None
-    from .quant import QUANT_METHOD, check_quantization
+    from ..quant import QUANT_METHOD, check_quantization
 
     if not isinstance(q, dict) or q.get("quant_method") != QUANT_METHOD:
         method = q.get("quant_method") if isinstance(q, dict) else q
@@ -311,7 +322,7 @@ def _saved_quantization(ckpt: str) -> dict | None:
 def load_assistant(path: str | os.PathLike, dtype=None, device=None):
     """Load an MTP drafter checkpoint (`gemma4_assistant`: a directory or hub id) -> model.assistant.Assistant
     in eval mode. Its LM head is its tied embedding table (`lm_head.weight`, when stored, must equal it)."""
-    from .model.assistant import Assistant, parse_assistant_config
+    from ..model.assistant import Assistant, parse_assistant_config
 
     ckpt = resolve_checkpoint(path)
     file = os.path.join(ckpt, "config.json")
