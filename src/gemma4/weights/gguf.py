@@ -14,6 +14,7 @@ the `gguf` package. What the file says and what it means here:
 """
 from __future__ import annotations
 
+import mmap as mmap_module
 import os
 import re
 from struct import error as struct_error
@@ -177,6 +178,7 @@ def read_header(path: str) -> tuple[dict, list[TensorInfo]]:
             raise GGUFError(f"{path}: truncated ({len(buf)} bytes; tensor {name} needs {begin + n_bytes})")
         data = np.frombuffer(buf, dtype=np_type, count=n_bytes // np.dtype(np_type).itemsize, offset=begin)
         tensors.append(TensorInfo(name, np.array(dims), kind, begin, n_bytes, data.reshape(shape)))
+        tensors[-1].map = buf
     return fields, tensors
 
 
@@ -399,6 +401,7 @@ def load_state(g: GGUFModel, model, dtype: torch.dtype, device: torch.device):
             setattr(model.get_submodule(parent_name), child, new)
             new.qweight, new.scales = (x.to(device) for x in split_blocks(t, bits))
             bits_used.add(bits)
+            _drop_pages(t)
             continue
         if bits and attr in ("gate_up_proj", "down_proj"):  # an expert bank [n, out, in]
             bank = QuantizedBank(*shape, bits, 32)
@@ -406,13 +409,25 @@ def load_state(g: GGUFModel, model, dtype: torch.dtype, device: torch.device):
             setattr(module, attr, bank)
             bank.qweight, bank.scales = (x.to(device) for x in split_blocks(t, bits))
             bits_used.add(bits)
+            _drop_pages(t)
             continue
         state[name] = float_tensor(t, dtype).to(device)
+        _drop_pages(t)
+
     missing = sorted(n for n in set(model.state_dict()) - set(state)
                      if not n.endswith((".qweight", ".scales")))
     if missing:
         raise CheckpointError(f"{g.path}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     return state, ple_rows, max(bits_used) if bits_used else None
+
+
+def _drop_pages(t) -> None:
+    """Once a tensor is copied out, its pages of the file leave the RSS (the map would otherwise keep every page
+    read while loading resident: E2B Q4_0's peak RSS 3.18 GB against our int4 checkpoint's 1.74). A tensor that
+    is still a view of the map reads its pages back from the file."""
+    if hasattr(mmap_module, "MADV_DONTNEED"):
+        start = t.data_offset - t.data_offset % mmap_module.PAGESIZE
+        t.map.madvise(mmap_module.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
 
 
 def load_gguf(path: str, dtype=None, device=None, quantize=None, group_size: int = kernels.DEFAULT_GROUP_SIZE):
