@@ -24,3 +24,15 @@ def ckpt(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture
+def no_kernels(monkeypatch):
+    """GEMMA4_NO_KERNELS=1 for one test (read once per resolution: kernels.reset around it)."""
+    from gemma4 import kernels
+
+    monkeypatch.setenv("GEMMA4_NO_KERNELS", "1")
+    kernels.reset()
+    yield
+    monkeypatch.delenv("GEMMA4_NO_KERNELS")
+    kernels.reset()

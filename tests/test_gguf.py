@@ -10,10 +10,15 @@ import pytest
 import torch
 
 import gemma4
-from gemma4 import kernels
 from gemma4.chat.template import builtin_template
-from gemma4.weights.gguf import (GGUFError, GGUFModel, export_gguf, gguf_tokenizer, read_header,
-                                 tokenizer_from_vocab)
+from gemma4.weights.gguf import (
+    GGUFError,
+    GGUFModel,
+    export_gguf,
+    gguf_tokenizer,
+    read_header,
+    tokenizer_from_vocab,
+)
 
 SHAPES = ["e2b", "e4b", "26b", "31b"]
 
@@ -49,15 +54,6 @@ LAYERS = {  # layer indices -> tensor names
 }
 GLOBAL = {"output_norm.weight", "rope_freqs.weight", "token_embd.weight"}
 GLOBAL_PLE = GLOBAL | {"per_layer_model_proj.weight", "per_layer_proj_norm.weight", "per_layer_token_embd.weight"}
-
-
-@pytest.fixture
-def no_kernels(monkeypatch):
-    monkeypatch.setenv("GEMMA4_NO_KERNELS", "1")
-    kernels.reset()
-    yield
-    monkeypatch.delenv("GEMMA4_NO_KERNELS")
-    kernels.reset()
 
 
 def tiny_tokenizer(directory, size=512):

@@ -47,16 +47,6 @@ def kernel():
 X86_ISAS = [name for name, _, _ in hardware.ISAS if not name.startswith("neon")]
 
 
-@pytest.fixture
-def no_kernels(monkeypatch):
-    """GEMMA4_NO_KERNELS=1 for one test (read once per resolution: kernels.reset around it)."""
-    monkeypatch.setenv("GEMMA4_NO_KERNELS", "1")
-    kernels.reset()
-    yield
-    monkeypatch.delenv("GEMMA4_NO_KERNELS")
-    kernels.reset()
-
-
 @pytest.fixture(params=X86_ISAS)
 def isa(request):
     """Each kernel build this CPU can run, forced in turn (the others are skipped, saying why)."""
