@@ -520,12 +520,12 @@ def _gguf_name(ours: str) -> str:
     return {v: k for k, v in _GLOBAL.items()}[name]
 
 
-def _export_type(name: str, t: torch.Tensor, kind) -> GGML:
+def _export_type(name: str, dims: int, row: int, kind) -> GGML:
     """The converter's choice (conversion/base.py `prepare_tensors`): F32 for 1-D tensors, norms, the router
     and anything not named .weight; F16 where a quantized type does not divide the rows into blocks."""
-    if t.dim() <= 1 or name.endswith("_norm.weight") or ".ffn_gate_inp." in name or not name.endswith(".weight"):
+    if dims <= 1 or name.endswith("_norm.weight") or ".ffn_gate_inp." in name or not name.endswith(".weight"):
         return GGML.F32
-    if kind in DIRECT and t.shape[-1] % 32:
+    if kind in DIRECT and row % 32:
         return GGML.F16
     return kind
 
@@ -624,15 +624,17 @@ def _write(model, cfg, tmp, ggml_kind, file_type, glob, slid, model_dir, chat_te
     w.add_tensor_info("rope_freqs.weight", (len(freqs),), np.dtype(np.float32), 4 * len(freqs))
     for ours, value in _float_weights(model):
         gname = _gguf_name(ours)
-        shape = (*value[0].shape[:-1], value[1].shape[-1] * value[3]) if isinstance(value, tuple) else tuple(value.shape)
-        plan.append((gname, value, _export_type(gname, torch.empty(shape, device="meta"), ggml_kind)))
-        block, size = gguf.GGML_QUANT_SIZES[plan[-1][2]]
-        n = int(np.prod(shape))
-        byte_shape = gguf.quant_shape_to_byte_shape(shape, plan[-1][2]) if plan[-1][2] in DIRECT or \
-            plan[-1][2] == GGML.BF16 else shape
-        w.add_tensor_info(gname, byte_shape, np.dtype(np.uint8) if byte_shape is not shape else
-                          np.dtype(np.float16 if plan[-1][2] == GGML.F16 else np.float32), n * size // block,
-                          raw_dtype=plan[-1][2] if byte_shape is not shape else None)
+        shape = (*value[0].shape[:-1], value[1].shape[-1] * value[3]) if isinstance(value, tuple) \
+            else tuple(value.shape)
+        kind = _export_type(gname, len(shape), shape[-1], ggml_kind)
+        plan.append((gname, value, kind))
+        block, size = gguf.GGML_QUANT_SIZES[kind]
+        n_bytes = int(np.prod(shape)) * size // block
+        if kind in (GGML.F32, GGML.F16):
+            w.add_tensor_info(gname, shape, np.dtype(np.float16 if kind == GGML.F16 else np.float32), n_bytes)
+        else:  # stored as bytes per row
+            w.add_tensor_info(gname, gguf.quant_shape_to_byte_shape(shape, kind), np.dtype(np.uint8), n_bytes,
+                              raw_dtype=kind)
     total, shared, expert, _ = w.get_total_parameter_count()
     meta = gguf.Metadata.load(None, Path(model_dir) if model_dir else None, name, total)
     if meta.name is None:
