@@ -68,11 +68,6 @@ class GGUFError(ValueError):
     """A GGUF file we cannot run: not GGUF, truncated, another architecture, an unsupported tensor type."""
 
 
-def is_gguf(path: str | os.PathLike) -> bool:
-    """A .gguf file, or a directory holding exactly one model .gguf (an mmproj beside it is not the model)."""
-    return find_gguf(path) is not None
-
-
 def find_gguf(path: str | os.PathLike) -> str | None:
     path = os.fspath(path)
     if os.path.isfile(path):
@@ -305,10 +300,10 @@ def _stored_dtype(g: GGUFModel) -> str:
 # ---- reading tensors ------------------------------------------------------------------------------------------
 
 def split_blocks(t, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A Q4_0 / Q8_0 tensor [..., N, K] -> our (qweight [..., N, K/2 uint8 | K int8], scales fp16 [..., N, K/32]).
-    A Q4_0 block is fp16 d + 16 bytes (low nibble: weight j, high: j + 16, stored + 8); a Q8_0 block fp16 d + 32
-    int8: our layout with the scales moved out."""
-    raw = torch.from_numpy(np.asarray(t.data))  # [..., N, blocks * bytes per block] uint8
+    """A Q4_0 / Q8_0 tensor [..., N, K] (a file's TensorInfo, or its raw bytes [..., N, blocks * block bytes]) ->
+    our (qweight [..., N, K/2 uint8 | K int8], scales fp16 [..., N, K/32]). A Q4_0 block is fp16 d + 16 bytes (low
+    nibble: weight j, high: j + 16, stored + 8); a Q8_0 block fp16 d + 32 int8: our layout, scales moved out."""
+    raw = t if isinstance(t, torch.Tensor) else torch.from_numpy(np.asarray(t.data))
     size = 18 if bits == 4 else 34
     blocks = raw.view(*raw.shape[:-1], raw.shape[-1] // size, size)
     scales = blocks[..., :2].contiguous().view(torch.float16).squeeze(-1)
@@ -343,12 +338,7 @@ class QuantizedRows:
 
     def __call__(self, raw: torch.Tensor) -> torch.Tensor:
         if self.type in DIRECT:
-            bits = DIRECT[self.type]
-            size = 18 if bits == 4 else 34
-            blocks = raw.view(len(raw), -1, size)
-            s = blocks[..., :2].contiguous().view(torch.float16).squeeze(-1)
-            q = blocks[..., 2:].contiguous().reshape(len(raw), -1)
-            return kernels.dequantize(q if bits == 4 else q.view(torch.int8), s, bits, 32)
+            return kernels.dequantize(*split_blocks(raw, DIRECT[self.type]), DIRECT[self.type], 32)
         return torch.from_numpy(gguf.quants.dequantize(raw.numpy(), self.type)).view(len(raw), self.width)
 
 
