@@ -56,15 +56,24 @@ GLOBAL = {"output_norm.weight", "rope_freqs.weight", "token_embd.weight"}
 GLOBAL_PLE = GLOBAL | {"per_layer_model_proj.weight", "per_layer_proj_norm.weight", "per_layer_token_embd.weight"}
 
 
-def tiny_tokenizer(directory, size=512):
+def tiny_tokenizer(directory, size=512, media_ids=None):
     """Gemma 4's tokenizer cut to the tiny models' 512 ids (tokenizer.json + tokenizer_config.json), so that a
-    file's vocabulary matches its embedding (and writing it takes milliseconds, not 262K tokens' seconds)."""
+    file's vocabulary matches its embedding (and writing it takes milliseconds, not 262K tokens' seconds).
+    `media_ids` {config field: id}: put the media markers (`<|image|>`, ...) at the tiny model's ids."""
     import json
 
     from gemma4.tokenizer import builtin_json
+    from gemma4.weights.mmproj import MEDIA_TOKENS
 
     spec = json.loads(builtin_json())
-    vocab = {t: i for t, i in spec["model"]["vocab"].items() if i < size}
+    markers = {MEDIA_TOKENS[k]: i for k, i in (media_ids or {}).items() if k in MEDIA_TOKENS}
+    vocab = {t: i for t, i in spec["model"]["vocab"].items() if i < size and i not in markers.values()}
+    vocab.update(markers)
+    for t in spec["added_tokens"]:
+        if t["content"] in markers:
+            t["id"] = markers[t["content"]]
+        elif t["id"] in markers.values():
+            t["id"] = size  # dropped below
     spec["model"]["vocab"] = vocab
     spec["model"]["merges"] = [m for m in spec["model"]["merges"]
                                if all(p in vocab for p in m.split(" ", 1)) and m.replace(" ", "", 1) in vocab]
@@ -73,7 +82,9 @@ def tiny_tokenizer(directory, size=512):
         json.dump(spec, f)
     with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump({"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
-                   "chat_template": builtin_template("e-series")}, f)
+                   "chat_template": builtin_template("e-series"),  # control tokens, as the published file lists
+                   "extra_special_tokens": [t["content"] for t in spec["added_tokens"] if t["special"]
+                                            and t["content"] not in ("<bos>", "<eos>", "<pad>", "<unk>")]}, f)
 
 
 @pytest.fixture(scope="session")
@@ -353,7 +364,7 @@ def test_bad_gguf_files(exported, tmp_path):
         out = subprocess.run([sys.executable, "-m", "gemma4.cli", "generate", "hi", "--model", bad],
                              capture_output=True, text=True)
         assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr
-    with pytest.raises(ValueError, match="towers of a GGUF model"):
+    with pytest.raises(ValueError, match="no mmproj GGUF beside it"):
         gemma4.load(path, media=True)
 
 

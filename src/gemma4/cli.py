@@ -38,13 +38,17 @@ def _info_config(model: str | None) -> ModelConfig:
         print(TINY_NOTICE, file=sys.stderr)
         return load_config(str(resources.files("gemma4").joinpath("data/tiny-random/config.json")))
     from .weights.gguf import GGUFModel, find_gguf
+    from .weights.mmproj import MmprojFile, find_mmproj, media_config
 
-    if find_gguf(model):  # a GGUF file: its metadata
-        return GGUFModel(find_gguf(model)).config
-    if os.path.isfile(model):  # a config.json given directly
+    if os.path.isfile(model) and not find_gguf(model):  # a config.json given directly
         return load_config(model)
-    # A hub id fetches config.json only, not the weight shards.
-    return load_config(resolve_checkpoint(model, config_only=True))
+    # A hub id fetches config.json only, not the weight shards (a GGUF repo's `:QUANT`: that file).
+    path = model if os.path.exists(model) else resolve_checkpoint(model, config_only=True)
+    if find_gguf(path):  # a GGUF file: its metadata, and the mmproj's beside it
+        g = GGUFModel(find_gguf(path))
+        towers = find_mmproj(g.path)
+        return media_config(g, MmprojFile(towers)) if towers else g.config
+    return load_config(path)
 
 
 def _count(n: int) -> str:
@@ -263,11 +267,14 @@ def cmd_merge(args) -> int:
 def cmd_export(args) -> int:
     from .weights.gguf import export_gguf
 
-    if os.path.exists(args.gguf):
-        raise ValueError(f"--gguf {args.gguf} exists; give a new file name")
-    if not args.gguf.endswith(".gguf"):
-        raise ValueError(f"--gguf {args.gguf}: the file name must end in .gguf")
+    for flag, out in (("--gguf", args.gguf), ("--mmproj", args.mmproj)):
+        if out is not None and os.path.exists(out):
+            raise ValueError(f"{flag} {out} exists; give a new file name")
+        if out is not None and not out.endswith(".gguf"):
+            raise ValueError(f"{flag} {out}: the file name must end in .gguf")
     llm = LLM(args.model, dtype="float32" if args.type == "f32" else None, device="cpu")
+    if args.mmproj and not (hasattr(llm.model, "vision_tower") or hasattr(llm.model, "audio_tower")):
+        raise ValueError(f"--mmproj: {args.model or 'the built-in model'} has no vision or audio tower")
     if args.adapter:  # a LoRA adapter folded in first (as `gemma4 merge`)
         from .train.lora import load_adapter, merge_lora
 
@@ -278,6 +285,11 @@ def cmd_export(args) -> int:
     source = llm.checkpoint if llm.checkpoint and os.path.isdir(llm.checkpoint) else None
     export_gguf(llm.model, args.gguf, args.type, model_dir=source, chat_template=llm.chat_template)
     print(f"wrote {args.type} GGUF to {args.gguf}")
+    if args.mmproj:
+        from .weights.mmproj import export_mmproj
+
+        export_mmproj(llm.model, args.mmproj, args.type, model_dir=source)
+        print(f"wrote the towers' mmproj GGUF to {args.mmproj}")
     return 0
 
 
@@ -317,7 +329,8 @@ def _load(args) -> LLM:
     return LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
                kv_memory=_parse_bytes(getattr(args, "kv_memory", None)), max_seqs=getattr(args, "max_seqs", 16),
                prefill_chunk=getattr(args, "prefill_chunk", 512), compile=args.compile,
-               draft_model=args.draft_model, num_draft_tokens=args.num_draft_tokens, lora=_lora_modules(args))
+               draft_model=args.draft_model, num_draft_tokens=args.num_draft_tokens, lora=_lora_modules(args),
+               mmproj=args.mmproj)
 
 
 def cmd_serve(args) -> int:
@@ -532,6 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensor type (norms and the router stay f32, as llama.cpp's converter keeps them; "
                         "default bf16)")
     p.add_argument("--adapter", help="a LoRA adapter (PEFT format) merged into the weights first")
+    p.add_argument("--mmproj", metavar="OUT", help="also write the vision / audio towers as an mmproj GGUF (--type, "
+                   "but f16 for q4_0), as llama.cpp's converter does with --mmproj")
     p.set_defaults(func=cmd_export)
 
     def load_options(p):
@@ -540,6 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")
         p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization at load")
         p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+        p.add_argument("--mmproj", metavar="FILE", help="a GGUF model's vision / audio towers (llama.cpp's mmproj "
+                       "GGUF; default: the mmproj*.gguf beside the model file)")
         draft_options(p)
 
     p = sub.add_parser("chat", help="chat in the terminal (streams; /think, /image FILE, /reset, /quit)")

@@ -70,7 +70,8 @@ class LLM:
                  quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE, compile: bool = False,
                  kv_memory: int | None = None, max_seqs: int = 16, prefill_chunk: int = 512,
                  cuda_graphs: bool | None = None, draft_model: str | os.PathLike | None = None,
-                 num_draft_tokens: int | None = None, lora: dict | None = None):
+                 num_draft_tokens: int | None = None, lora: dict | None = None,
+                 mmproj: str | os.PathLike | None = None):
         """`path`: checkpoint directory, GGUF file or hub id (None: the built-in tiny random model). `quantize`:
         "int8" / "int4" weight-only, done at load (or load a checkpoint saved by `save_quantized`).
         The engine (engine/engine.py) runs everything: `kv_memory` bytes of K/V (default: 2 GiB on a CPU, 90%
@@ -81,7 +82,8 @@ class LLM:
         (default: E2B 2, the others 4) and verify them in one forward: greedy output identical to plain decoding,
         sampled output with its distribution (exact rejection sampling). `lora`: {name: adapter directory} (PEFT's
         format) served side by side: a request names its adapter (`adapter=` here, `model` in the server); requests
-        with different adapters, and none, run together in one engine step."""
+        with different adapters, and none, run together in one engine step. `mmproj`: a GGUF model's vision / audio
+        towers (llama.cpp's mmproj file; by default the one beside the model file)."""
         if num_draft_tokens is not None and (draft_model is None or isinstance(num_draft_tokens, bool) or
                                              not isinstance(num_draft_tokens, int) or not 1 <= num_draft_tokens <= 8):
             raise ValueError(f"num_draft_tokens must be an integer in [1, 8] with a draft model, got "
@@ -101,7 +103,8 @@ class LLM:
             self.checkpoint = None
         else:
             self.checkpoint = resolve_checkpoint(path)
-            self.model = load(self.checkpoint, dtype=dtype, device=device, quantize=quantize, group_size=group_size)
+            self.model = load(self.checkpoint, dtype=dtype, device=device, quantize=quantize, group_size=group_size,
+                              mmproj=mmproj)
         self.config = self.model.config
         self.drafter = None
         if draft_model is not None:

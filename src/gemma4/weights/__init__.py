@@ -41,20 +41,38 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, config_only: bool = False)
         return path
     if os.path.exists(path):
         raise FileNotFoundError(f"{path} is a file; give the checkpoint directory (with config.json) or a .gguf file")
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith((".", "/")):
+    hub = re.fullmatch(r"([\w.-]+/[\w.-]+)(?::([\w.-]+))?", path)
+    if hub and not path.startswith((".", "/")):
         from huggingface_hub import snapshot_download
 
+        repo, quant = hub.groups()
         patterns = ["*.json"] if config_only else ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
-        try:
-            return snapshot_download(path, allow_patterns=patterns, local_files_only=True)
-        except Exception:
-            pass
-        try:
-            return snapshot_download(path, allow_patterns=patterns)
-        except Exception as e:
-            raise FileNotFoundError(f"{path}: not a local directory, and the hub id could not be found in the "
-                                    f"local cache or downloaded ({type(e).__name__}: {e})") from None
+        if quant:  # a GGUF repo, as llama.cpp's `-hf owner/name:Q4_0`: that quant's file and the f16 mmproj
+            patterns = [f"*{q}.gguf" for q in {quant, quant.upper(), quant.lower()}] + ["mmproj*[!bB][fF]16.gguf"]
+        error = None
+        for local in (True, False):  # the local cache first
+            try:
+                snapshot = snapshot_download(repo, allow_patterns=patterns, local_files_only=local)
+            except Exception as e:
+                error = error or e
+                continue
+            found = _quant_file(snapshot, quant) if quant else snapshot
+            if found:
+                return found
+        if quant and not isinstance(error, Exception):
+            raise FileNotFoundError(f"{path}: the repository has no GGUF file ending in {quant}.gguf")
+        raise FileNotFoundError(f"{path}: not a local directory, and the hub id could not be found in the "
+                                f"local cache or downloaded ({type(error).__name__}: {error})") from None
     raise FileNotFoundError(f"no checkpoint directory at {path}")
+
+
+def _quant_file(snapshot: str, quant: str) -> str | None:
+    """The model GGUF of this quant in a downloaded repository (the mmproj sits beside it)."""
+    found = sorted(n for n in os.listdir(snapshot) if n.lower().endswith(f"{quant.lower()}.gguf")
+                   and not n.startswith("mmproj"))
+    if len(found) > 1:
+        raise FileNotFoundError(f"{snapshot}: several GGUF files end in {quant}.gguf ({', '.join(found)})")
+    return os.path.join(snapshot, found[0]) if found else None
 
 
 def safetensors_files(ckpt: str) -> list[str]:
@@ -110,12 +128,14 @@ def resolve_device(device) -> torch.device:
 
 
 def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None = None,
-         group_size: int = DEFAULT_GROUP_SIZE, media: bool | None = None) -> Gemma4:
+         group_size: int = DEFAULT_GROUP_SIZE, media: bool | None = None, mmproj: str | os.PathLike | None = None
+         ) -> Gemma4:
     """Load a checkpoint directory or hub id -> `Gemma4` in eval mode.
 
     `media`: build and load the vision / audio towers the config describes. None (default): when the files
     hold them; True: they must be there; False: the text decoder alone (their tensors are skipped).
-    Quantization applies to the text decoder only; the towers stay in `dtype`.
+    Quantization applies to the text decoder only; the towers stay in `dtype`. A GGUF model's towers are an
+    mmproj GGUF: `mmproj`, else the `mmproj*.gguf` beside the model file.
 
     `dtype` None: the checkpoint's; float32 for a quantized model on a CPU (see below).
     Tensors already in the target dtype are read memory-mapped from the file; on a CPU with transparent huge
@@ -129,9 +149,10 @@ def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None 
 
     ckpt = resolve_checkpoint(path)
     if find_gguf(ckpt):
-        if media:
-            raise ValueError(f"{ckpt}: the vision / audio towers of a GGUF model (its mmproj file) are not read yet")
-        return load_gguf(find_gguf(ckpt), dtype=dtype, device=device, quantize=quantize, group_size=group_size)
+        return load_gguf(find_gguf(ckpt), dtype=dtype, device=device, quantize=quantize, group_size=group_size,
+                         media=media, mmproj=mmproj)
+    if mmproj is not None:
+        raise ValueError(f"mmproj= is for GGUF models; {ckpt} is a checkpoint directory (its towers are in it)")
     config = load_config(ckpt)
     device = resolve_device(device)
     saved_quant = _saved_quantization(ckpt)

@@ -406,7 +406,7 @@ def load_state(g: GGUFModel, model, dtype: torch.dtype, device: torch.device):
         _drop_pages(t)
 
     missing = sorted(n for n in set(model.state_dict()) - set(state)
-                     if not n.endswith((".qweight", ".scales")))
+                     if n.startswith("language_model.") and not n.endswith((".qweight", ".scales")))
     if missing:
         raise CheckpointError(f"{g.path}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     return state, ple_rows, max(bits_used) if bits_used else None
@@ -421,22 +421,38 @@ def _drop_pages(t) -> None:
         t.map.madvise(mmap_module.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
 
 
-def load_gguf(path: str, dtype=None, device=None, quantize=None, group_size: int = kernels.DEFAULT_GROUP_SIZE):
-    """A GGUF model file -> `Gemma4` (text decoder) in eval mode; see `weights.load` for dtype / quantize."""
+def load_gguf(path: str, dtype=None, device=None, quantize=None, group_size: int = kernels.DEFAULT_GROUP_SIZE,
+              media: bool | None = None, mmproj: str | None = None):
+    """A GGUF model file -> `Gemma4` in eval mode; see `weights.load` for dtype / quantize. The vision / audio
+    towers come from `mmproj` (an mmproj GGUF), else from the one beside the model file; `media`: None: when
+    there is one, True: there must be one, False: the text decoder alone."""
     from .. import memory
     from ..model import empty_model
     from ..quant import parse_quantize, quantize_model
     from . import _read_sparsely, resolve_device, resolve_dtype
+    from .mmproj import MmprojFile, find_mmproj, media_config
 
     g = GGUFModel(path)
+    towers = None
+    if media is not False:
+        mmproj = mmproj or find_mmproj(path)
+        if mmproj is None and media:
+            raise GGUFError(f"{path}: no mmproj GGUF beside it for the vision / audio towers; give one (--mmproj)")
+        if mmproj is not None:
+            towers = MmprojFile(mmproj)
+            g.config = media_config(g, towers)
+    elif mmproj is not None:
+        raise ValueError("mmproj= with media=False: the towers would not be loaded")
     device = resolve_device(device)
     quantized = any(t.tensor_type not in FLOATS for t in g.tensors.values() if len(t.shape) > 1)
     bits = parse_quantize(quantize)
     if dtype is None and device.type == "cpu" and (bits or quantized) and not kernels.native_bf16():
         dtype = torch.float32  # as weights.load: fp32 activations for quantized kernels where bf16 is emulated
     dtype = resolve_dtype(dtype, g.config)
-    model = empty_model(g.config, media=False)
+    model = empty_model(g.config, media=towers is not None)
     state, ple_rows, file_bits = load_state(g, model, dtype, device)
+    if towers is not None:
+        state.update(towers.state(model, dtype, device))
     if ple_rows is not None and state["language_model.embed_tokens_per_layer.weight"].dtype == torch.uint8:
         raw = state.pop("language_model.embed_tokens_per_layer.weight")
         model.language_model.embed_tokens_per_layer.weight = nn.Parameter(raw, requires_grad=False)
@@ -446,7 +462,7 @@ def load_gguf(path: str, dtype=None, device=None, quantize=None, group_size: int
     model.language_model.ple_rows = ple_rows
     model.requires_grad_(False)
     model.quantization = {"quant_method": "gguf", "bits": file_bits, "group_size": 32} if file_bits else None
-    model.gguf = g
+    model.gguf, model.mmproj = g, towers and towers.path
     if bits:
         quantize_model(model, bits, group_size)  # the float weights left (a K-quant file's, dequantized)
     if device.type == "cpu" and memory.hugepages():
