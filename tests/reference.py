@@ -63,11 +63,12 @@ AUDIO = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, output_
 
 def build(shape: str, out: str, text_only: bool = False, published_layout: bool = True,
           unused_shared_kv: bool = False, towers: bool = False, max_shard_size=None, seed: int = 0,
-          tame: bool = False):
-    """Write a checkpoint to `out`; returns the reference model (fp32, eval). `tame`: see `randomise`."""
+          tame: bool = False, overrides: tuple = ()):
+    """Write a checkpoint to `out`; returns the reference model (fp32, eval). `tame`: see `randomise`;
+    `overrides`: ((text config field, value), ...) changed from the shape's."""
     from transformers import Gemma4Config, Gemma4ForCausalLM, Gemma4ForConditionalGeneration, Gemma4TextConfig
 
-    tc = dict(SHAPES[shape])
+    tc = dict(SHAPES[shape], **dict(overrides))
     if text_only:
         model = Gemma4ForCausalLM(Gemma4TextConfig(**tc))
     else:
@@ -141,14 +142,15 @@ def randomise_towers(model: torch.nn.Module, seed: int = 1) -> None:
                 b.copy_(torch.empty(b.shape).uniform_(0.5, 1.5, generator=gen))
 
 
-def build_media(shape: str, out: str, vision: dict | None = None, audio: dict | None = None, seed: int = 0):
+def build_media(shape: str, out: str, vision: dict | None = None, audio: dict | None = None, seed: int = 0,
+                tame: bool = False):
     """A multimodal checkpoint with tiny towers that run, placeholder ids in the tiny vocabulary; returns the
     reference Gemma4ForConditionalGeneration (fp32, eval)."""
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
 
     model = Gemma4ForConditionalGeneration(Gemma4Config(text_config=dict(SHAPES[shape]), vision_config=vision,
                                                         audio_config=audio, **MEDIA_TOKENS))
-    randomise(model, seed)
+    randomise(model, seed, tame)
     randomise_towers(model, seed + 1)
     model.eval()
     model.save_pretrained(out)

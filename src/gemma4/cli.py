@@ -135,6 +135,14 @@ def cmd_info(args) -> int:
         raise ValueError(f"--context must be a positive number of tokens, got {args.context}")
     cfg = _info_config(args.model)
     c = count_params(cfg, args.context)
+    if args.tensor_parallel > 1 or args.expert_parallel:
+        from .params import plan_parallel
+
+        if args.tensor_parallel < 2:
+            raise ValueError("--expert-parallel needs --tensor-parallel N > 1")
+        c.update(plan_parallel(cfg, args.tensor_parallel, args.expert_parallel, args.context))
+    elif args.tensor_parallel < 1:
+        raise ValueError(f"--tensor-parallel must be a positive number of ranks, got {args.tensor_parallel}")
     if args.json:
         specs = cfg.text.layers
         out = {k: v for k, v in c.items() if k != "layers"}
@@ -146,7 +154,15 @@ def cmd_info(args) -> int:
                    architecture=cfg.architecture)
         print(json.dumps(out, indent=2))
     else:
-        for label, value in _info_rows(args.model or "built-in tiny-random", cfg, c):
+        rows = _info_rows(args.model or "built-in tiny-random", cfg, c)
+        if "tensor_parallel" in c:
+            rows += [("", ""), ("tensor parallel", f"{c['tensor_parallel']} ranks" +
+                                (", experts split between them" if c["expert_parallel"] else "")),
+                     ("  weights per rank", f"{_bytes(c['weight_bytes_per_rank'])} ({c['dtype']}; rank 0 also "
+                                            f"the towers: {_bytes(c['tower_bytes_rank0'])})"),
+                     ("  KV cache per rank", f"{_bytes(c['kv_cache_bytes_per_rank'])} "
+                                             f"({c['kv_bytes_per_token_per_rank']:,} bytes a token)")]
+        for label, value in rows:
             print(f"{label:<22}{value}".rstrip())
     return 0
 
@@ -164,7 +180,8 @@ def cmd_generate(args) -> int:
         resolve_dtype(args.dtype, None)
     resolve_device(args.device)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, compile=args.compile,
-              draft_model=args.draft_model, num_draft_tokens=args.num_draft_tokens, lora=_lora_modules(args))
+              draft_model=args.draft_model, num_draft_tokens=args.num_draft_tokens, lora=_lora_modules(args),
+              **_parallel(args))
     ids = llm.tokenizer.encode(args.prompt, add_bos=True)
     for ev in llm.generate_stream([ids], adapter="adapter" if args.adapter else None, **sampling):
         print(ev.text, end="", flush=True)
@@ -322,6 +339,16 @@ def _lora_modules(args) -> dict | None:
     return out or None
 
 
+def _parallel(args) -> dict:
+    """--tensor-parallel (under torchrun, 1 means its WORLD_SIZE) and --expert-parallel, as LLM's arguments."""
+    n = args.tensor_parallel
+    if n == 1 and "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        n = int(os.environ["WORLD_SIZE"])
+    if n < 1:
+        raise ValueError(f"--tensor-parallel must be a positive number of ranks, got {n}")
+    return {"tensor_parallel": n, "expert_parallel": args.expert_parallel}
+
+
 def _load(args) -> LLM:
     if args.dtype:
         resolve_dtype(args.dtype, None)
@@ -330,7 +357,7 @@ def _load(args) -> LLM:
                kv_memory=_parse_bytes(getattr(args, "kv_memory", None)), max_seqs=getattr(args, "max_seqs", 16),
                prefill_chunk=getattr(args, "prefill_chunk", 512), compile=args.compile,
                draft_model=args.draft_model, num_draft_tokens=args.num_draft_tokens, lora=_lora_modules(args),
-               mmproj=args.mmproj)
+               mmproj=args.mmproj, **_parallel(args))
 
 
 def cmd_serve(args) -> int:
@@ -370,10 +397,16 @@ def cmd_serve(args) -> int:
     # On SIGTERM uvicorn stops accepting, lets running requests finish for --shutdown-timeout seconds, cancels
     # the rest, then raises SIGTERM again with the handler it found: a drained server exits 0, not by the signal.
     signal.signal(signal.SIGTERM, lambda *_: None)
+    if llm.parallel is not None:  # a lost rank ends the server (drained as on SIGTERM), with its reason
+        llm.parallel.on_lost = lambda: os.kill(os.getpid(), signal.SIGTERM)
     try:
         server.run()
     finally:
         app.state.service.engine.stop()
+    if llm.parallel is not None and llm.parallel.lost is not None:
+        print(f"gemma4: error: a tensor-parallel rank was lost ({llm.parallel.lost}); the server stopped",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -463,7 +496,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     p.add_argument("--hardware", action="store_true",
                    help="what this CPU can do and which kernel path each product takes (builds the kernels)")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="plan the memory of each of N tensor-parallel ranks (default 1)")
+    p.add_argument("--expert-parallel", action="store_true", help="with --tensor-parallel: experts split, not sliced")
     p.set_defaults(func=cmd_info)
+
+    def parallel_options(p):
+        p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                       help="shard the model over N ranks: N GPUs, or N CPU processes (default 1; under torchrun, "
+                            "its WORLD_SIZE)")
+        p.add_argument("--expert-parallel", action="store_true",
+                       help="with --tensor-parallel: split a 26B-A4B's experts between the ranks (128 / N each)")
 
     def draft_options(p):
         p.add_argument("--draft-model", help="the model's MTP assistant (directory or hub id): requests "
@@ -485,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization at load")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    parallel_options(p)
     draft_options(p)
     p.add_argument("--adapter", help="a LoRA adapter directory (PEFT format) to generate with")
     p.set_defaults(func=cmd_generate)
@@ -557,6 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
         p.add_argument("--mmproj", metavar="FILE", help="a GGUF model's vision / audio towers (llama.cpp's mmproj "
                        "GGUF; default: the mmproj*.gguf beside the model file)")
+        parallel_options(p)
         draft_options(p)
 
     p = sub.add_parser("chat", help="chat in the terminal (streams; /think, /image FILE, /reset, /quit)")

@@ -65,13 +65,30 @@ def tiny_random_model(dtype=torch.float32, device="cpu", seed: int = 0, config=N
     return model.to(device=device, dtype=dtype).requires_grad_(False).eval()
 
 
+def load_model(path=None, dtype=None, device=None, quantize: str | None = None,
+               group_size: int = DEFAULT_GROUP_SIZE, mmproj=None, media: bool | None = None) -> Gemma4:
+    """`path`'s model (None: the built-in tiny one, said on stderr), as LLM and every tensor-parallel rank load it."""
+    if path is None:
+        dtype, device = resolve_dtype(dtype or "float32", None), resolve_device(device or "cpu")
+        print(TINY_NOTICE, file=sys.stderr)
+        model = tiny_random_model(dtype, device)
+        from .quant import parse_quantize, quantize_model
+
+        bits = parse_quantize(quantize)
+        if bits:
+            quantize_model(model, bits, group_size)
+        return model
+    return load(resolve_checkpoint(path), dtype=dtype, device=device, quantize=quantize, group_size=group_size,
+                mmproj=mmproj, media=media)
+
+
 class LLM:
     def __init__(self, path: str | os.PathLike | None = None, dtype=None, device=None,
                  quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE, compile: bool = False,
                  kv_memory: int | None = None, max_seqs: int = 16, prefill_chunk: int = 512,
                  cuda_graphs: bool | None = None, draft_model: str | os.PathLike | None = None,
                  num_draft_tokens: int | None = None, lora: dict | None = None,
-                 mmproj: str | os.PathLike | None = None):
+                 mmproj: str | os.PathLike | None = None, tensor_parallel: int = 1, expert_parallel: bool = False):
         """`path`: checkpoint directory, GGUF file or hub id (None: the built-in tiny random model). `quantize`:
         "int8" / "int4" weight-only, done at load (or load a checkpoint saved by `save_quantized`).
         The engine (engine/engine.py) runs everything: `kv_memory` bytes of K/V (default: 2 GiB on a CPU, 90%
@@ -83,7 +100,10 @@ class LLM:
         sampled output with its distribution (exact rejection sampling). `lora`: {name: adapter directory} (PEFT's
         format) served side by side: a request names its adapter (`adapter=` here, `model` in the server); requests
         with different adapters, and none, run together in one engine step. `mmproj`: a GGUF model's vision / audio
-        towers (llama.cpp's mmproj file; by default the one beside the model file)."""
+        towers (llama.cpp's mmproj file; by default the one beside the model file). `tensor_parallel`: shard the
+        model over that many ranks (GPUs, or CPU processes; gemma4.parallel), started here or by torchrun (the
+        non-leader ranks of torchrun then call `self.parallel` `follow`: see the README); `expert_parallel`: split
+        a 26B-A4B's experts between the ranks rather than each expert's width."""
         if num_draft_tokens is not None and (draft_model is None or isinstance(num_draft_tokens, bool) or
                                              not isinstance(num_draft_tokens, int) or not 1 <= num_draft_tokens <= 8):
             raise ValueError(f"num_draft_tokens must be an integer in [1, 8] with a draft model, got "
@@ -91,20 +111,24 @@ class LLM:
         self.engine_options = dict(kv_memory=kv_memory, max_seqs=max_seqs, max_step_tokens=prefill_chunk,
                                    compile=compile, cuda_graphs=cuda_graphs, num_draft_tokens=num_draft_tokens)
         self._engine = None
-        if path is None:
-            dtype, device = resolve_dtype(dtype or "float32", None), resolve_device(device or "cpu")
-            print(TINY_NOTICE, file=sys.stderr)
-            self.model = tiny_random_model(dtype, device)
-            from .quant import parse_quantize, quantize_model
+        self.checkpoint = None if path is None else resolve_checkpoint(path)
+        self.parallel = None
+        if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int) or tensor_parallel < 1:
+            raise ValueError(f"tensor_parallel must be a positive integer, got {tensor_parallel!r}")
+        if tensor_parallel > 1:
+            from .parallel import launch
 
-            bits = parse_quantize(quantize)
-            if bits:
-                quantize_model(self.model, bits, group_size)
-            self.checkpoint = None
+            if draft_model is not None or lora or compile or cuda_graphs:
+                raise ValueError("tensor parallelism runs eagerly, without a draft model or LoRA adapters")
+            recipe = dict(path=self.checkpoint, dtype=None if dtype is None else str(dtype).removeprefix("torch."),
+                          device=None if device is None else str(device), quantize=quantize, group_size=group_size,
+                          mmproj=None if mmproj is None else os.fspath(mmproj))
+            self.model, self.parallel = launch(tensor_parallel, recipe, expert_parallel)
+            self.engine_options["parallel"] = self.parallel
+        elif expert_parallel:
+            raise ValueError("expert_parallel needs tensor_parallel > 1 (the ranks to split the experts between)")
         else:
-            self.checkpoint = resolve_checkpoint(path)
-            self.model = load(self.checkpoint, dtype=dtype, device=device, quantize=quantize, group_size=group_size,
-                              mmproj=mmproj)
+            self.model = load_model(self.checkpoint, dtype, device, quantize, group_size, mmproj)
         self.config = self.model.config
         self.drafter = None
         if draft_model is not None:
@@ -131,6 +155,12 @@ class LLM:
         # stop tokens and sampling defaults for every request (the tiny model ships Gemma 4's own)
         self.generation = GenerationConfig.load(self.checkpoint or str(TINY_DIR))
         self._tokenizer = None
+
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks, if any (also done at exit)."""
+        if self.parallel is not None:
+            self.parallel.close()
+            self.parallel = None
 
     @property
     def engine(self):
@@ -258,6 +288,8 @@ class LLM:
         try:
             while engine.has_work():
                 for ev in engine.step():
+                    if ev.request_id.startswith(tag) and ev.error is not None:
+                        raise ev.error  # the engine ended this request (logged); the caller gets why
                     if ev.request_id.startswith(tag) and ev.token_id is not None:
                         yield int(ev.request_id[len(tag):]), ev.token_id, ev.finish_reason
         finally:

@@ -84,3 +84,23 @@ def count_params(config: ModelConfig, context: int | None = None, dtype=None) ->
         "kv_bytes_per_token": kv_bytes_per_token(text, context, dtype.itemsize),
         "kv_cache_bytes": cache_bytes,
     }
+
+
+def plan_parallel(config: ModelConfig, world: int, expert_parallel: bool = False, context: int | None = None,
+                  dtype=None) -> dict:
+    """Per-rank memory of `world`-way tensor parallelism (gemma4.parallel), from the model sharded on the meta
+    device: the text weights each rank holds (rank 0 holds the media towers as well) and its K/V cache of one
+    `context`-token sequence, at `dtype` (default: the checkpoint's)."""
+    from .parallel import shard
+
+    model = shard(empty_model(config, media=False), 0, world, expert_parallel)
+    dtype = resolve_dtype(dtype, config)
+    text = model.config.text
+    context = text.max_position_embeddings if context is None else context
+    params = sum(t.numel() for t in model.language_model.state_dict().values())
+    vision = sum(vision_params(config.vision, text.hidden_size)) if config.vision else 0
+    audio = sum(audio_params(config.audio, text.hidden_size)) if config.audio else 0
+    return {"tensor_parallel": world, "expert_parallel": expert_parallel, "params_text_per_rank": params,
+            "weight_bytes_per_rank": params * dtype.itemsize, "tower_bytes_rank0": (vision + audio) * dtype.itemsize,
+            "kv_bytes_per_token_per_rank": kv_bytes_per_token(text, context, dtype.itemsize),
+            "kv_cache_bytes_per_rank": kv_bytes(text, context, dtype.itemsize)}

@@ -62,7 +62,7 @@ class Engine:
     def __init__(self, model: Gemma4, kv_memory: int | None = None, block_size: int = 64, max_seqs: int = 16,
                  max_step_tokens: int = 512, stop_ids=DEFAULT_STOP_TOKEN_IDS, compile: bool = False,
                  cuda_graphs: bool | None = None, max_rollback: int = 8, drafter=None,
-                 num_draft_tokens: int | None = None, routing=None):
+                 num_draft_tokens: int | None = None, routing=None, parallel=None):
         """`kv_memory`: bytes of K/V (default: 2 GiB on a CPU, 90% of free memory on a GPU); `max_seqs`
         sequences at once; `max_step_tokens` per step; `stop_ids` where a request gives none; `compile`,
         `cuda_graphs`: see engine/worker.py; `max_rollback`: computed tokens `rollback` takes back without
@@ -70,7 +70,8 @@ class Engine:
         (model.assistant, weights.load_assistant) made for this model: requests without a grammar then
         draft `num_draft_tokens` tokens a step (default: E2B 2, the others 4, as vLLM's recipes; at most
         max_rollback) and verify them in one forward (see `_verify`). `routing`: the model's served LoRA
-        adapters (train.lora.serve_adapters): a request names its adapter's slot in `add`."""
+        adapters (train.lora.serve_adapters): a request names its adapter's slot in `add`. `parallel`: the
+        gemma4.parallel Group of a sharded model: every worker call runs on all its ranks (`kv_memory` is per rank)."""
         cfg = model.config.text
         if block_size <= 0 or max_seqs <= 0 or max_step_tokens <= 0 or max_rollback < 0:
             raise ValueError("block_size, max_seqs and max_step_tokens must be positive, and max_rollback >= 0")
@@ -109,7 +110,15 @@ class Engine:
             raise ValueError(f"kv_memory {kv_memory} bytes is too small for this model: give it at least {need}")
         self.block_sizes, prefixes = sizes, Prefixes()
         self.pools = {k: BlockPool(n + 1, sizes[k], prefixes) for k, n in blocks.items()}  # + the scratch block
-        self.worker = Worker(model, {k: n + 1 for k, n in blocks.items()}, block_size, compile, cuda_graphs, routing)
+        if parallel is not None:
+            if drafter is not None or routing is not None or compile or cuda_graphs:
+                raise ValueError("tensor parallelism runs eagerly, without a draft model or LoRA adapters")
+            from ..parallel import Leader
+
+            self.worker = Leader(parallel, model, {k: n + 1 for k, n in blocks.items()}, block_size)
+        else:
+            self.worker = Worker(model, {k: n + 1 for k, n in blocks.items()}, block_size, compile, cuda_graphs,
+                                 routing)
         self.num_adapters = len({s for m in model.modules() for s in getattr(m, "adapters", {})}) \
             if routing is not None else 0
         ids = [model.config.token_ids.get(k) for k in ("image_token_id", "video_token_id", "audio_token_id")]
@@ -188,7 +197,7 @@ class Engine:
             raise ValueError(f"rollback: k must be in [1, {len(seq.output)}] (the tokens generated), got {k!r}")
         del seq.output[-k:]
         seq.sampler.rollback(seq.tokens, k)
-        self.scheduler.rollback(seq, self.worker.cache.copy_block)
+        self.scheduler.rollback(seq, self.worker.copy_block)
 
     def memory(self) -> dict:
         """K/V bytes in use and free (free includes cached blocks no sequence holds), per kind and in all."""
@@ -332,7 +341,7 @@ class Engine:
         if k:  # the share of the drafts checked that were kept (a rejection ends the checking)
             seen = j / (j + (j < k))
             seq.acceptance += ACCEPTANCE_WEIGHT * (seen - seq.acceptance)
-        self.scheduler.rollback(seq, self.worker.cache.copy_block)  # blocks past the tokens kept
+        self.scheduler.rollback(seq, self.worker.copy_block)  # blocks past the tokens kept
         self.scheduler.register_full_blocks(seq)
         row = w.count - T + i  # the query row of the last token kept (its mask: the keys the drafter reads)
         state = {kind: (K, V, mask[:, :, row:row + 1]) for kind, (K, V, mask) in kv.items()}

@@ -105,6 +105,10 @@ class Worker:
         finally:
             self.routing.set(None, None)
 
+    def copy_block(self, kind: str, src: int, dst: int) -> None:
+        """Copy a K/V block (the scheduler's copy-on-write of a shared block)."""
+        self.cache.copy_block(kind, src, dst)
+
     def forward_with_kv(self, ids: list[int], start: int, table: dict, media=None, every_token: bool = False,
                         adapter: int = 0):
         """One sequence's tokens at `start` (eagerly): (logits [T or 1, vocab], final hidden [1, T or 1, E],

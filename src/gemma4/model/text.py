@@ -143,20 +143,24 @@ def expert_matmul(x: torch.Tensor, bank, e: int, tokens: torch.Tensor, total: in
 
 
 class Experts(nn.Module):
-    """Packed expert weights: gate_up_proj [n, 2I, E], down_proj [n, E, I]; only chosen experts run."""
+    """Packed expert weights: gate_up_proj [n, 2I, E], down_proj [n, E, I]; only chosen experts run. With expert
+    parallelism (gemma4.parallel) this rank holds experts [first, first + n) and runs just the tokens routed there."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
         n, E, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.num_experts = n
+        self.num_experts, self.first, self.total = n, 0, n
         self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * I, E))
         self.down_proj = nn.Parameter(torch.empty(n, E, I))
 
     def forward(self, x, weights, ids):  # x [N, E], weights / ids [N, k]
         out = torch.zeros_like(x)
         flat = ids.flatten()
+        if self.num_experts != self.total:  # experts held elsewhere go to one bin past ours, which does not run
+            flat = flat - self.first
+            flat = torch.where((flat >= 0) & (flat < self.num_experts), flat, self.num_experts)
         order = flat.argsort()
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        counts = torch.bincount(flat, minlength=self.num_experts)[:self.num_experts].tolist()
         token = order // ids.shape[1]
         start = 0
         for e, n in enumerate(counts):
