@@ -360,6 +360,17 @@ def _load(args) -> LLM:
                mmproj=args.mmproj, **_parallel(args))
 
 
+def _listen(host: str, port: int):
+    """A listening socket on host:port (port 0: any free one), or one clear error."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def cmd_serve(args) -> int:
     import logging
     import signal
@@ -372,8 +383,8 @@ def cmd_serve(args) -> int:
 
     if args.allow_local_media and not os.path.isdir(args.allow_local_media):
         raise ValueError(f"--allow-local-media {args.allow_local_media}: no such directory")
-    if not 0 < args.port < 65536:
-        raise ValueError(f"--port {args.port}: must be in 1..65535")
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port {args.port}: must be in 0..65535 (0: any free port)")
     if args.max_seqs <= 0 or args.prefill_chunk <= 0:
         raise ValueError("--max-seqs and --prefill-chunk must be positive")
     if args.max_waiting < 0:
@@ -384,6 +395,7 @@ def cmd_serve(args) -> int:
     if max_request_bytes <= 0:
         raise ValueError("--max-request-bytes must be positive")
     _parse_bytes(args.kv_memory)
+    sock = _listen(args.host, args.port)  # before minutes of loading: a port in use is an error at once
     llm = _load(args)
     name = args.served_model_name or (args.model or "gemma4-tiny-random")
     policy = MediaPolicy(args.allow_local_media, args.allow_remote_media)
@@ -391,7 +403,8 @@ def cmd_serve(args) -> int:
     app = create_app(llm, name, args.api_key or os.environ.get("GEMMA4_API_KEY"), policy, limits, args.metrics_public)
     logging.basicConfig(format="gemma4 %(levelname)s %(name)s: %(message)s")
     logging.getLogger("gemma4").setLevel(logging.INFO)
-    print(f"gemma4: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"gemma4: serving {name} on http://{host}:{sock.getsockname()[1]}/v1", file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            timeout_graceful_shutdown=args.shutdown_timeout))
     # On SIGTERM uvicorn stops accepting, lets running requests finish for --shutdown-timeout seconds, cancels
@@ -400,7 +413,7 @@ def cmd_serve(args) -> int:
     if llm.parallel is not None:  # a lost rank ends the server (drained as on SIGTERM), with its reason
         llm.parallel.on_lost = lambda: os.kill(os.getpid(), signal.SIGTERM)
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         app.state.service.engine.stop()
     if llm.parallel is not None and llm.parallel.lost is not None:

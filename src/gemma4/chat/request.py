@@ -37,8 +37,8 @@ class PreparedChat:
 
 def _source(item: dict, policy: MediaPolicy):
     src = item["source"]
-    if item["kind"] == "audio" and isinstance(src, str) and not src.startswith("data:"):
-        # OpenAI input_audio carries bare base64 and a format
+    if item.get("base64") and isinstance(src, str) and not src.startswith("data:"):
+        # OpenAI input_audio carries bare base64 and a format (a native audio part a path or URL)
         try:
             return base64.b64decode(src, validate=True)
         except ValueError:
@@ -61,6 +61,9 @@ def _source(item: dict, policy: MediaPolicy):
 
 def load_media(item: dict, budget: int | None, policy: MediaPolicy):
     """One `{"kind", "source"}` from normalize_messages -> a processed gemma4.media input."""
+    if item["source"] is None:
+        raise mm.MediaError(f"a{'n' if item['kind'][0] in 'ai' else ''} {item['kind']} part has no data: give "
+                            f"the {'base64 data' if item.get('base64') else 'url, path or data'} to run the model")
     src = _source(item, policy)
     if item["kind"] == "image":
         return mm.preprocess_image(src, budget or mm.DEFAULT_IMAGE_BUDGET)
@@ -84,7 +87,7 @@ def make_constraint(tools, tool_choice, response_format):
             names = [(t.get("function") or t).get("name") for t in tools]
             if name not in names:
                 raise ValueError(f"tool_choice names {name!r}, which is not among the tools {names}")
-            return constrain.tool_call(tools, name=name)
+            return constrain.tool_call(tools, name=name, max_calls=1)  # OpenAI: that function, called once
         raise ValueError(f"tool_choice must be 'auto', 'none', 'required' or a named function, got {tool_choice!r}")
     if response_format is None:
         return None

@@ -292,9 +292,11 @@ def _convert_part(part: Mapping, where: str) -> tuple[dict, dict | None]:
         return {"type": "video"}, {"kind": "video", "source": _url(part.get("video_url"), f"{where}.video_url")}
     if kind == "input_audio":
         audio = part.get("input_audio")
-        if not isinstance(audio, Mapping) or not audio.get("data"):
-            raise ChatTemplateError(f"{where}: an input_audio part needs input_audio.data")
-        item = {"kind": "audio", "source": audio["data"]}
+        if not isinstance(audio, Mapping) or not isinstance(audio.get("data", ""), str):
+            raise ChatTemplateError(f"{where}: an input_audio part needs input_audio.data (base64)")
+        # Empty data renders the placeholder as the official template does (rendering needs no audio bytes);
+        # running the model needs them (gemma4.chat.request).
+        item = {"kind": "audio", "source": audio.get("data") or None, "base64": True}
         if audio.get("format"):  # base64 data does not say how it is encoded
             item["format"] = audio["format"]
         return {"type": "audio"}, item

@@ -33,6 +33,18 @@ class CheckpointError(ValueError):
     """A checkpoint whose tensors do not fit the config."""
 
 
+def open_safetensors(file: str):
+    """safe_open, with a truncated or corrupt file as one CheckpointError (safetensors raises its own error type,
+    which the CLI printed as a traceback)."""
+    from safetensors import SafetensorError
+
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e}); a truncated or corrupt "
+                              f"download?") from None
+
+
 def resolve_checkpoint(path_or_id: str | os.PathLike, config_only: bool = False) -> str:
     """A local directory, or a Hugging Face hub id looked up in the local hub cache first (then downloaded;
     `config_only`: just the JSON files, not gigabytes of weights)."""
@@ -187,7 +199,7 @@ def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None 
     state: dict[str, torch.Tensor] = {}
     ple_rows = None
     for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
+        with open_safetensors(file) as f:
             for key in f.keys():
                 name = our_name(key, config)
                 if name.startswith(_TOWERS) and not media:
@@ -319,7 +331,7 @@ def _has_towers(files: list[str], config: ModelConfig) -> bool:
     if config.vision is None and config.audio is None:
         return False
     for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
+        with open_safetensors(file) as f:
             if any(our_name(k, config).startswith(_TOWERS) for k in f.keys()):
                 return True
     return False
@@ -359,7 +371,7 @@ def load_assistant(path: str | os.PathLike, dtype=None, device=None):
         model = Assistant(config)
     wanted, state = model.state_dict(), {}
     for file in safetensors_files(ckpt):
-        with safe_open(file, framework="pt", device="cpu") as f:
+        with open_safetensors(file) as f:
             for key in f.keys():
                 if key == "lm_head.weight":
                     continue  # tied to model.embed_tokens.weight
