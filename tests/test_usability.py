@@ -127,3 +127,142 @@ def test_serve_prints_its_url_once_listening_and_a_busy_port_is_an_error():
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+# ---- endpoints and completions features -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def api(llm):
+    from fastapi.testclient import TestClient
+
+    from gemma4.server.app import create_app
+
+    return TestClient(create_app(llm, "tiny"))
+
+
+def test_version_models_and_404s(api, llm):
+    assert api.get("/version").json() == {"version": gemma4.__version__}
+    card = api.get("/v1/models/tiny").json()
+    assert card["id"] == "tiny" and card["max_model_len"] == llm.engine.max_model_len
+    assert api.get("/v1/models").json()["data"] == [card]
+    for path in ("/v1/models/other", "/v1/nothing"):
+        r = api.get(path)
+        assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert api.get("/v1/models/other").json()["error"]["message"] == "The model 'other' does not exist"
+
+
+def test_tokenize_and_detokenize(api, llm):
+    r = api.post("/tokenize", json={"prompt": "Hello world"}).json()
+    assert r["tokens"] == llm.tokenizer.encode("Hello world", add_bos=True) and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == llm.engine.max_model_len
+    messages = [{"role": "user", "content": "Hi there"}]
+    r = api.post("/tokenize", json={"messages": messages}).json()
+    assert r["tokens"] == llm.tokenizer.encode(llm.render_chat(messages))
+    assert api.post("/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == llm.tokenizer.decode(r["tokens"])
+    for body, status in (({}, 400), ({"prompt": "a", "messages": messages}, 400), ({"prompt": "a", "model": "x"}, 400)):
+        assert api.post("/tokenize", json=body).status_code == status
+    assert api.post("/detokenize", json={"tokens": [1 << 30]}).status_code == 400
+
+
+def test_completion_logprobs_echo_and_batches(api, llm):
+    """vLLM's /v1/completions: logprobs in OpenAI's shape, echo with the prompt's own logprobs (from the model's
+    logits), a list of prompts as a batch (choice p x n + i), suffix refused."""
+    import torch
+
+    body = {"prompt": "The sky is", "max_tokens": 4, "temperature": 0, "logprobs": 3}
+    r = api.post("/v1/completions", json=body).json()
+    lp = r["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 4 == r["usage"][
+        "completion_tokens"]
+    assert all(len(t) <= 3 for t in lp["top_logprobs"]) and "".join(lp["tokens"]) == r["choices"][0]["text"]
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(4)]
+    assert all(v <= 0 for v in lp["token_logprobs"])
+    echo = api.post("/v1/completions", json={**body, "echo": True}).json()["choices"][0]
+    assert echo["text"] == "The sky is" + r["choices"][0]["text"]
+    ids = llm.tokenizer.encode("The sky is", add_bos=True)
+    with torch.inference_mode():
+        logp = torch.log_softmax(llm.model(torch.tensor([ids]))[0].float(), -1)
+    expected = [None] + [logp[i - 1, ids[i]].item() for i in range(1, len(ids))]
+    got = echo["logprobs"]["token_logprobs"][:len(ids)]
+    assert got[0] is None and all(abs(a - b) < 1e-4 for a, b in zip(got[1:], expected[1:]))
+    assert echo["logprobs"]["token_logprobs"][len(ids):] == lp["token_logprobs"]
+    batch = api.post("/v1/completions", json={"prompt": ["The sky is", "Hello"], "max_tokens": 3, "temperature": 0,
+                                              "n": 2}).json()
+    assert [c["index"] for c in batch["choices"]] == [0, 1, 2, 3]
+    alone = api.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 3, "temperature": 0}).json()
+    assert batch["choices"][2]["text"] == batch["choices"][3]["text"] == alone["choices"][0]["text"]
+    assert batch["usage"]["prompt_tokens"] == len(ids) + alone["usage"]["prompt_tokens"]
+    r = api.post("/v1/completions", json={"prompt": "x", "suffix": "y"})
+    assert r.status_code == 400 and "fill-in-the-middle" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("frequency,presence,expected", [
+    (None, None, 0), (1.0, None, 1), (None, 0.6, 1), (None, 0.4, 0), (-1.0, None, 0), (0.3, 0.3, 1)])
+def test_frequency_and_presence_penalties(frequency, presence, expected):
+    """OpenAI's definition: logit[j] -= frequency x count[j] + presence x (count[j] > 0), over the output."""
+    import torch
+
+    from gemma4.engine.sample import Sampler, SamplingParams
+
+    s = Sampler(SamplingParams(frequency_penalty=frequency, presence_penalty=presence))
+    s.output = [0, 2]
+    assert s.sample(torch.tensor([3.0, 2.5, 0.0]))[0] == expected
+    assert s.output[-1] == expected
+
+
+def test_penalties_through_the_api(api):
+    base = {"prompt": "Hello", "max_tokens": 12, "temperature": 0}
+    plain = api.post("/v1/completions", json=base).json()["choices"][0]["text"]
+    # the tiny model never repeats a token by itself: a negative penalty makes it (the output differs)
+    assert api.post("/v1/completions", json={**base, "frequency_penalty": -2.0}).json()["choices"][0]["text"] != plain
+    assert api.post("/v1/completions", json={**base, "presence_penalty": 3}).status_code == 400
+
+
+# ---- flags ---------------------------------------------------------------------------------------------------
+def test_max_model_len_caps_the_context():
+    small = gemma4.LLM(max_model_len=40)
+    assert small.engine.max_model_len == 40
+    out = small.generate([[2] + [100] * 30], max_new_tokens=100, temperature=0)[0]
+    assert len(out.token_ids) == 9 and out.finish_reason == "length"
+    with pytest.raises(ValueError, match="the context is 40"):
+        small.generate([[2] + [100] * 45], max_new_tokens=1)
+    with pytest.raises(ValueError, match="max_model_len must be an integer"):
+        gemma4.LLM(max_model_len=10**9).engine
+
+
+def test_chat_template_flag(tmp_path):
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}")
+    llm = gemma4.LLM(chat_template=str(template))
+    assert llm.render_chat([{"role": "user", "content": "hi"}]) == "[user] hi\n"
+    with pytest.raises(ValueError, match="no such file"):
+        gemma4.LLM(chat_template="missing.jinja")
+    with pytest.raises(ValueError, match="does not compile"):
+        gemma4.LLM(chat_template="{% for %}")
+    out = subprocess.run(CLI + ["generate", "x", "--chat-template", str(tmp_path / "none.jinja")],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "no such file" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_generate_prompt_sources_system_and_threads(tmp_path):
+    args = ["generate", "--max-new-tokens", "4", "--temperature", "0"]
+    direct = subprocess.run(CLI + args + ["Once upon a time"], capture_output=True, text=True, check=True).stdout
+    piped = subprocess.run(CLI + args + ["-", "--threads", "1"], input="Once upon a time", capture_output=True,
+                           text=True, check=True).stdout
+    (tmp_path / "p.txt").write_text("Once upon a time")
+    filed = subprocess.run(CLI + args + ["--prompt-file", str(tmp_path / "p.txt")], capture_output=True, text=True,
+                           check=True).stdout
+    assert direct == piped == filed
+    system = subprocess.run(CLI + args + ["Once upon a time", "--system", "Answer in French."], capture_output=True,
+                            text=True, check=True).stdout
+    assert system != direct
+    for bad, message in ((["--threads", "0", "x"], "--threads must be >= 1"), ([], "give a prompt"),
+                         (["x", "--prompt-file", "p"], "not both")):
+        out = subprocess.run(CLI + args + bad, capture_output=True, text=True)
+        assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_help_shows_defaults():
+    out = subprocess.run(CLI + ["serve", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "(default: 8000)" in out and "(default: 127.0.0.1)" in out
+    out = subprocess.run(CLI + ["generate", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "tokens to generate at most (default: 128)" in " ".join(out.split())

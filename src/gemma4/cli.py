@@ -24,7 +24,22 @@ from .weights import CheckpointError, resolve_checkpoint, resolve_device, resolv
 USER_ERRORS = (ValueError, OSError, ConfigError, CheckpointError)  # OSError covers FileNotFoundError
 
 
+class _Help(argparse.HelpFormatter):
+    """--help shows each option's default (where its text does not say it already)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" not in text and action.default not in (None, False, argparse.SUPPRESS) \
+                and action.option_strings:
+            text += f" (default: {action.default})"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)  # subcommands' parsers too
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
         # argparse prints the whole usage block; keep to the one-line error every other failure gives.
         print(f"gemma4: error: {message} (see '{self.prog} --help')", file=sys.stderr)
@@ -169,8 +184,37 @@ def cmd_info(args) -> int:
 
 # ---- gemma4 generate ----
 
+def _prompt_text(args) -> str:
+    """The prompt: the argument, `-` for stdin, or --prompt-file."""
+    if args.prompt_file is not None:
+        if args.prompt is not None:
+            raise ValueError("give the prompt or --prompt-file, not both")
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--prompt-file {args.prompt_file}: {e}") from None
+    if args.prompt is None:
+        raise ValueError("give a prompt (the argument, - for stdin, or --prompt-file FILE)")
+    return sys.stdin.read() if args.prompt == "-" else args.prompt
+
+
+def _common_setup(args) -> None:
+    """--threads and --seed (checked and applied before anything loads)."""
+    import torch
+
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if getattr(args, "global_seed", None) is not None:
+        torch.manual_seed(args.global_seed)  # requests without a seed of their own draw from here
+
+
 def cmd_generate(args) -> int:
-    if not args.prompt:
+    _common_setup(args)
+    prompt = _prompt_text(args)
+    if not prompt:
         raise ValueError("the prompt is empty")
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
@@ -181,8 +225,12 @@ def cmd_generate(args) -> int:
     resolve_device(args.device)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, compile=args.compile,
               draft_model=args.draft_model, num_draft_tokens=args.num_draft_tokens, lora=_lora_modules(args),
-              **_parallel(args))
-    ids = llm.tokenizer.encode(args.prompt, add_bos=True)
+              max_model_len=args.max_model_len, chat_template=args.chat_template, **_parallel(args))
+    if args.system is not None:  # a chat turn: the system prompt, then the prompt as the user's message
+        prompt = llm.render_chat([{"role": "system", "content": args.system}, {"role": "user", "content": prompt}])
+        ids = llm.tokenizer.encode(prompt)
+    else:
+        ids = llm.tokenizer.encode(prompt, add_bos=True)
     for ev in llm.generate_stream([ids], adapter="adapter" if args.adapter else None, **sampling):
         print(ev.text, end="", flush=True)
     print()
@@ -353,11 +401,13 @@ def _load(args) -> LLM:
     if args.dtype:
         resolve_dtype(args.dtype, None)
     resolve_device(args.device)
+    _common_setup(args)
     return LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
                kv_memory=_parse_bytes(getattr(args, "kv_memory", None)), max_seqs=getattr(args, "max_seqs", 16),
                prefill_chunk=getattr(args, "prefill_chunk", 512), compile=args.compile,
                draft_model=args.draft_model, num_draft_tokens=args.num_draft_tokens, lora=_lora_modules(args),
-               mmproj=args.mmproj, **_parallel(args))
+               mmproj=args.mmproj, max_model_len=args.max_model_len, chat_template=args.chat_template,
+               **_parallel(args))
 
 
 def _listen(host: str, port: int):
@@ -433,6 +483,7 @@ def cmd_chat(args) -> int:
 
     llm = _load(args)
     history, pending, thinking = [], [], args.think
+    system = [{"role": "system", "content": args.system}] if args.system else []
     dim, reset = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
     print(f"gemma4 chat ({args.model or 'built-in tiny random model'}); {CHAT_HELP}", file=sys.stderr)
     while True:
@@ -468,7 +519,7 @@ def cmd_chat(args) -> int:
             continue
         message = {"role": "user", "content": [*pending, {"type": "text", "text": line}] if pending else line}
         try:
-            _, events = llm.chat_events(history + [message], enable_thinking=thinking,
+            _, events = llm.chat_events(system + history + [message], enable_thinking=thinking,
                                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                         adapter="adapter" if args.adapter else None)
         except ValueError as e:
@@ -514,6 +565,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert-parallel", action="store_true", help="with --tensor-parallel: experts split, not sliced")
     p.set_defaults(func=cmd_info)
 
+    def context_options(p):
+        p.add_argument("--max-model-len", type=int, metavar="N",
+                       help="serve at most N tokens of context, prompt and output (default: the model's)")
+        p.add_argument("--chat-template", metavar="FILE",
+                       help="a Jinja chat template file (or its text) instead of the checkpoint's")
+        p.add_argument("--threads", type=int, metavar="N", help="CPU threads for PyTorch (default: torch's choice)")
+
     def parallel_options(p):
         p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                        help="shard the model over N ranks: N GPUs, or N CPU processes (default 1; under torchrun, "
@@ -528,19 +586,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens drafted a step, 1-8 (default: E2B 2, the others 4)")
 
     p = sub.add_parser("generate", help="complete a prompt, streaming the text")
-    p.add_argument("prompt")
+    p.add_argument("prompt", nargs="?", help="the text to complete; - reads it from stdin")
+    p.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE")
+    p.add_argument("--system", help="render the prompt as a chat turn after this system prompt (chat template)")
     p.add_argument("--model", help=model_help)
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, help=SAMPLING_DEFAULT + "; 0 = greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--min-p", type=float)
-    p.add_argument("--repetition-penalty", type=float)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--top-k", type=int, help="sample from the k likeliest tokens (" + SAMPLING_DEFAULT + ")")
+    p.add_argument("--top-p", type=float, help="nucleus sampling (" + SAMPLING_DEFAULT + ")")
+    p.add_argument("--min-p", type=float, help="drop tokens below min_p x the top probability (default: off)")
+    p.add_argument("--repetition-penalty", type=float, help="seen tokens' logits divided by it (default: 1, off)")
+    p.add_argument("--seed", type=int, help="sampling seed (default: random)")
     p.add_argument("--dtype", help="bfloat16, float16 or float32 (default: the checkpoint's)")
     p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization at load")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    context_options(p)
     parallel_options(p)
     draft_options(p)
     p.add_argument("--adapter", help="a LoRA adapter directory (PEFT format) to generate with")
@@ -614,6 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
         p.add_argument("--mmproj", metavar="FILE", help="a GGUF model's vision / audio towers (llama.cpp's mmproj "
                        "GGUF; default: the mmproj*.gguf beside the model file)")
+        context_options(p)
+        p.add_argument("--seed", dest="global_seed", type=int, metavar="N",
+                       help="seed the random state: requests without a seed of their own repeat from run to run")
         parallel_options(p)
         draft_options(p)
 
@@ -621,7 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
     load_options(p)
     p.add_argument("--adapter", help="a LoRA adapter directory (PEFT format) to chat with")
     p.add_argument("--think", action="store_true", help="start with thinking on")
-    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--system", help="a system prompt for the conversation")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="tokens an answer may take at most")
     p.add_argument("--temperature", type=float, help=SAMPLING_DEFAULT + "; 0 = greedy")
     p.set_defaults(func=cmd_chat)
 
@@ -630,8 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", nargs="+", action="extend", metavar="NAME=PATH",
                    help="LoRA adapters (PEFT format) served beside the base model: a request whose model is NAME "
                         "uses it (as vLLM's --lora-modules)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free one)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set GEMMA4_API_KEY)")
     p.add_argument("--served-model-name", help="the model id clients ask for (default: --model)")
     p.add_argument("--kv-memory", help="K/V cache memory, e.g. 4GB (default: 2 GiB on a CPU, 90%% of free GPU memory)")

@@ -82,13 +82,28 @@ def load_model(path=None, dtype=None, device=None, quantize: str | None = None,
                 mmproj=mmproj, media=media)
 
 
+def _template_text(value) -> str:
+    """--chat-template: a file holding a Jinja template, or the template itself (as vLLM takes it)."""
+    from .chat.template import _compile
+
+    value = os.fspath(value)
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            value = f.read()
+    elif "{{" not in value and "{%" not in value:
+        raise ValueError(f"chat template {value!r}: no such file, and not a Jinja template either")
+    _compile(value)  # a syntax error now, not at the first request
+    return value
+
+
 class LLM:
     def __init__(self, path: str | os.PathLike | None = None, dtype=None, device=None,
                  quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE, compile: bool = False,
                  kv_memory: int | None = None, max_seqs: int = 16, prefill_chunk: int = 512,
                  cuda_graphs: bool | None = None, draft_model: str | os.PathLike | None = None,
                  num_draft_tokens: int | None = None, lora: dict | None = None,
-                 mmproj: str | os.PathLike | None = None, tensor_parallel: int = 1, expert_parallel: bool = False):
+                 mmproj: str | os.PathLike | None = None, tensor_parallel: int = 1, expert_parallel: bool = False,
+                 max_model_len: int | None = None, chat_template: str | None = None):
         """`path`: checkpoint directory, GGUF file or hub id (None: the built-in tiny random model). `quantize`:
         "int8" / "int4" weight-only, done at load (or load a checkpoint saved by `save_quantized`).
         The engine (engine/engine.py) runs everything: `kv_memory` bytes of K/V (default: 2 GiB on a CPU, 90%
@@ -103,12 +118,16 @@ class LLM:
         towers (llama.cpp's mmproj file; by default the one beside the model file). `tensor_parallel`: shard the
         model over that many ranks (GPUs, or CPU processes; gemma4.parallel), started here or by torchrun (the
         non-leader ranks of torchrun then call `self.parallel` `follow`: see the README); `expert_parallel`: split
-        a 26B-A4B's experts between the ranks rather than each expert's width."""
+        a 26B-A4B's experts between the ranks rather than each expert's width. `max_model_len`: serve a shorter
+        context than the model's (prompt and output; the default max_new_tokens of the server follows it).
+        `chat_template`: a Jinja chat template (its text, or a file holding it) instead of the checkpoint's."""
         if num_draft_tokens is not None and (draft_model is None or isinstance(num_draft_tokens, bool) or
                                              not isinstance(num_draft_tokens, int) or not 1 <= num_draft_tokens <= 8):
             raise ValueError(f"num_draft_tokens must be an integer in [1, 8] with a draft model, got "
                              f"{num_draft_tokens!r}{'' if draft_model is not None else ' without one'}")
+        self._chat_template = _template_text(chat_template) if chat_template is not None else None
         self.engine_options = dict(kv_memory=kv_memory, max_seqs=max_seqs, max_step_tokens=prefill_chunk,
+                                   max_model_len=max_model_len,
                                    compile=compile, cuda_graphs=cuda_graphs, num_draft_tokens=num_draft_tokens)
         self._engine = None
         self.checkpoint = None if path is None else resolve_checkpoint(path)

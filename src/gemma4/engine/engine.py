@@ -62,7 +62,7 @@ class Engine:
     def __init__(self, model: Gemma4, kv_memory: int | None = None, block_size: int = 64, max_seqs: int = 16,
                  max_step_tokens: int = 512, stop_ids=DEFAULT_STOP_TOKEN_IDS, compile: bool = False,
                  cuda_graphs: bool | None = None, max_rollback: int = 8, drafter=None,
-                 num_draft_tokens: int | None = None, routing=None, parallel=None):
+                 num_draft_tokens: int | None = None, routing=None, parallel=None, max_model_len: int | None = None):
         """`kv_memory`: bytes of K/V (default: 2 GiB on a CPU, 90% of free memory on a GPU); `max_seqs`
         sequences at once; `max_step_tokens` per step; `stop_ids` where a request gives none; `compile`,
         `cuda_graphs`: see engine/worker.py; `max_rollback`: computed tokens `rollback` takes back without
@@ -71,7 +71,12 @@ class Engine:
         draft `num_draft_tokens` tokens a step (default: E2B 2, the others 4, as vLLM's recipes; at most
         max_rollback) and verify them in one forward (see `_verify`). `routing`: the model's served LoRA
         adapters (train.lora.serve_adapters): a request names its adapter's slot in `add`. `parallel`: the
-        gemma4.parallel Group of a sharded model: every worker call runs on all its ranks (`kv_memory` is per rank)."""
+        gemma4.parallel Group of a sharded model: every worker call runs on all its ranks (`kv_memory` is per rank).
+        `max_model_len`: the context served, prompt and output (default and most: the model's)."""
+        if max_model_len is not None and (isinstance(max_model_len, bool) or not isinstance(max_model_len, int)
+                                          or not 2 <= max_model_len <= model.config.text.max_position_embeddings):
+            raise ValueError(f"max_model_len must be an integer in [2, {model.config.text.max_position_embeddings}] "
+                             f"(the model's context), got {max_model_len!r}")
         cfg = model.config.text
         if block_size <= 0 or max_seqs <= 0 or max_step_tokens <= 0 or max_rollback < 0:
             raise ValueError("block_size, max_seqs and max_step_tokens must be positive, and max_rollback >= 0")
@@ -128,7 +133,9 @@ class Engine:
         self.sequences: dict[str, Sequence] = {}
         self.stepper: AsyncEngine | None = None  # the thread that steps this engine for servers (AsyncEngine.of)
         self.capacity = blocks["full"] * block_size if "full" in blocks else cfg.max_position_embeddings
-        self.max_prompt_tokens = min(cfg.max_position_embeddings, self.capacity) - 1  # one position left to generate
+        # The context served: the model's, or less (max_model_len), and no more than the K/V memory holds.
+        self.max_model_len = min(max_model_len or cfg.max_position_embeddings, self.capacity)
+        self.max_prompt_tokens = self.max_model_len - 1  # one position left to generate
 
     # ---------------------------------------------------------------- requests
     def add(self, request_id: str, prompt: list[int], params: SamplingParams, media: torch.Tensor | None = None,
@@ -151,7 +158,7 @@ class Engine:
         """ValueError unless this engine can take the prompt (ids in the vocabulary, shorter than the context
         and the K/V memory, one soft-token row per media slot); returns its number of media slots. The one
         validator of prompts, for the API, the CLI and the server; `name` says which prompt in messages."""
-        vocab, context = self.cfg.vocab_size, self.cfg.max_position_embeddings
+        vocab, context = self.cfg.vocab_size, self.max_model_len
         if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool)
                                                             for t in prompt):
             raise ValueError(f"{name} must be a list of integer token ids")
@@ -263,7 +270,7 @@ class Engine:
         for seq in self.scheduler.running:
             if seq.uncomputed != 1 or not self._drafts(seq):
                 continue
-            room = min(self.cfg.max_position_embeddings, self.capacity) - len(seq) - 1
+            room = self.max_model_len - len(seq) - 1
             k = min(self._planned(seq), seq.params.max_new_tokens - len(seq.output) - 1,
                     self.scheduler.max_step_tokens - 1, room)
             if k <= 0 or not self._fresh(seq) or not self._room(seq, k):
@@ -397,8 +404,7 @@ class Engine:
         seq.output.append(token)
         p = seq.params
         reason = "stop" if token in seq.stop_ids else \
-            "length" if len(seq.output) >= p.max_new_tokens or len(seq) >= min(self.cfg.max_position_embeddings,
-                                                                                 self.capacity) else None
+            "length" if len(seq.output) >= p.max_new_tokens or len(seq) >= self.max_model_len else None
         if reason:
             self.scheduler.finish(seq, reason)
             self.sequences.pop(seq.id)

@@ -31,6 +31,8 @@ class SamplingParams:
     top_p: float | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+    frequency_penalty: float | None = None  # OpenAI's: logit -= count in the output x this (-2 to 2)
+    presence_penalty: float | None = None  # OpenAI's: logit -= this, once a token is in the output (-2 to 2)
     seed: int | None = None
     stop_token_ids: tuple[int, ...] | None = None  # None: the checkpoint's generation_config
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's log-probability and the top k
@@ -69,6 +71,9 @@ class SamplingParams:
                 not MIN_REPETITION_PENALTY <= number("repetition_penalty") <= MAX_REPETITION_PENALTY:
             bad(f"repetition_penalty must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}] (1 = off), "
                 f"got {self.repetition_penalty!r}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name) is not None and not -2 <= number(name) <= 2:
+                bad(f"{name} must be in [-2, 2] (0 = off), got {getattr(self, name)!r}")
         if self.seed is not None and not SEED_RANGE[0] <= integer("seed") <= SEED_RANGE[1]:
             bad(f"seed must be a 64-bit integer, got {self.seed!r}")
         if not isinstance(self.speculative, bool):
@@ -88,6 +93,8 @@ class GenerationConfig:
     top_p: float | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
 
     @classmethod
     def load(cls, directory: str | os.PathLike | None) -> GenerationConfig:
@@ -123,6 +130,7 @@ class Sampler:
     seen: set = field(default_factory=set)  # tokens that the repetition penalty applies to
     constraint: object = None  # structured output (gemma4.chat.constrain): masks logits, follows the tokens
     generator: torch.Generator | None = None
+    output: list = field(default_factory=list)  # the tokens sampled so far (frequency and presence penalties)
 
     def __post_init__(self):
         if self.params.temperature > 0:
@@ -137,7 +145,7 @@ class Sampler:
         """The argmax of the logits as they are: no penalty, mask or log-probabilities to compute."""
         p = self.params
         return (p.temperature == 0 and self.constraint is None and p.logprobs is None
-                and p.repetition_penalty in (None, 1.0))
+                and p.repetition_penalty in (None, 1.0) and not p.frequency_penalty and not p.presence_penalty)
 
     def __call__(self, logits: torch.Tensor) -> int:
         """logits [vocab] -> token id."""
@@ -147,6 +155,7 @@ class Sampler:
         """The sequence's last k sampled tokens were taken back; `tokens`: what it holds now. (The random
         generator is not rewound: a drafting loop that samples owns its own draws.)"""
         self.seen = set(tokens)
+        del self.output[len(self.output) - k:]
         if self.constraint is not None:
             self.constraint.rollback(k)
 
@@ -173,6 +182,9 @@ class Sampler:
             # As transformers: divide positive logits, multiply negative ones.
             penalized = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
             logits = logits.index_put((idx,), penalized)
+        if (p.frequency_penalty or p.presence_penalty) and self.output:
+            counts = torch.bincount(torch.tensor(self.output), minlength=logits.numel()).float()
+            logits = logits - (p.frequency_penalty or 0.0) * counts - (p.presence_penalty or 0.0) * (counts > 0)
         best = logits.max()
         if best == float("-inf"):  # a grammar that allows no token
             raise ValueError("no token can be sampled: every token's logit is -inf")
@@ -200,6 +212,7 @@ class Sampler:
                     probs[draft] = 0  # rejected: p(x) - q(x) < 0 there, p(y) - 0 elsewhere
                 token = int(torch.multinomial(probs, 1, generator=self.generator))
         self.seen.add(token)
+        self.output.append(token)
         if self.constraint is not None:
             self.constraint.accept(token)
         if p.logprobs is not None:
@@ -218,6 +231,7 @@ def sample_rows(samplers: list[Sampler], logits: torch.Tensor) -> list[tuple | E
         rows = logits if len(greedy) == len(samplers) else logits[greedy]
         for r, token in zip(greedy, rows.argmax(-1).tolist()):
             samplers[r].seen.add(token)
+            samplers[r].output.append(token)
             out[r] = (token, None, None)
     for r, s in enumerate(samplers):
         if out[r] is None:

@@ -29,8 +29,8 @@ from starlette.exceptions import HTTPException
 from .. import __version__
 from ..chat.parse import StreamParser, parse_output
 from ..chat.request import MediaPolicy
-from .protocol import ERRORS, ChatCompletion, ChatRequest, Completion, CompletionRequest, Health, ModelList, \
-    sse_response
+from .protocol import ERRORS, ChatCompletion, ChatRequest, Completion, CompletionRequest, DetokenizeRequest, \
+    DetokenizeResponse, Health, ModelCard, ModelList, TokenizeRequest, TokenizeResponse, Version, sse_response
 from .service import APIError, ChoiceFailed, Job, Limits, Service
 
 log = logging.getLogger("gemma4.server")
@@ -189,12 +189,49 @@ async def health():
     return {"status": "ok"}
 
 
+@router.get("/version", response_model=Version, summary="the server's version (no key needed)")
+async def version():
+    return {"version": __version__}
+
+
+def model_cards(svc: Service) -> list[dict]:
+    base = {"id": svc.model_name, "object": "model", "created": 0, "owned_by": "gemma4",
+            "max_model_len": svc.llm.engine.max_model_len}
+    adapters = [{**base, "id": name, "root": path, "parent": svc.model_name} for name, path in svc.llm.lora.items()]
+    return [base, *adapters]
+
+
 @router.get("/v1/models", response_model=ModelList, dependencies=[Depends(require_key)],
             responses={401: ERRORS[401]})
 async def models(svc: Service = Depends(service)):
-    base = {"id": svc.model_name, "object": "model", "created": 0, "owned_by": "gemma4"}
-    adapters = [{**base, "id": name, "root": path, "parent": svc.model_name} for name, path in svc.llm.lora.items()]
-    return {"object": "list", "data": [base, *adapters]}
+    return {"object": "list", "data": model_cards(svc)}
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, dependencies=[Depends(require_key)],
+            responses={401: ERRORS[401], 404: ERRORS[404]})
+async def model(model_id: str, svc: Service = Depends(service)):
+    card = next((c for c in model_cards(svc) if c["id"] == model_id), None)
+    if card is None:
+        raise APIError(404, f"The model '{model_id}' does not exist", param="model")
+    return card
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, dependencies=[Depends(require_key)],
+             responses={400: ERRORS[400], 401: ERRORS[401]}, summary="token ids of a prompt or of chat messages")
+async def tokenize(body: TokenizeRequest, svc: Service = Depends(service)):
+    ids = await svc.tokenize(body)
+    return {"count": len(ids), "max_model_len": svc.llm.engine.max_model_len, "tokens": ids}
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, dependencies=[Depends(require_key)],
+             responses={400: ERRORS[400], 401: ERRORS[401]}, summary="the text of token ids")
+async def detokenize(body: DetokenizeRequest, svc: Service = Depends(service)):
+    svc.check_model(body.model)
+    vocab = svc.llm.config.text.vocab_size
+    bad = next((t for t in body.tokens if t >= vocab), None)
+    if bad is not None:
+        raise APIError(400, f"token id {bad} is out of range (token ids are in [0, {vocab}))", param="tokens")
+    return {"prompt": svc.llm.tokenizer.decode(body.tokens)}
 
 
 @router.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(require_metrics_key)],
@@ -215,7 +252,16 @@ async def chat_completions(body: ChatRequest, request: Request, svc: Service = D
 @router.post("/v1/completions", dependencies=[Depends(require_key)],
              responses={200: sse_response(Completion, "text_completion"), **ERRORS})
 async def completions(body: CompletionRequest, request: Request, svc: Service = Depends(service)):
-    return await answer(request, svc, body, svc.completion_job, stream_completion, completion)
+    svc.admit(body)
+    here, jobs = await unless_disconnected(request, svc.completion_jobs(body))
+    if not here:
+        return GONE
+    if body.stream:
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(stream_completion(svc, jobs, usage, body.logprobs is not None),
+                                 media_type="text/event-stream")
+    here, results = await unless_disconnected(request, asyncio.gather(*(collect(svc, job) for job in jobs)))
+    return completion(jobs, results, body.logprobs is not None) if here else GONE
 
 
 async def answer(request: Request, svc: Service, body, prepare, stream, whole):
@@ -247,11 +293,27 @@ def chat_completion(job: Job, results, logprobs: bool | None) -> dict:
     return {**head(job, "chat.completion"), "choices": choices, "usage": usage_of(job, completion)}
 
 
-def completion(job: Job, results) -> dict:
-    return {**head(job, "text_completion"),
-            "choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
-                        for i, (text, reason, _, _) in enumerate(results)],
-            "usage": usage_of(job, sum(r[2] for r in results))}
+def completion_logprobs(entries: list[dict], offset: int = 0) -> dict:
+    """Logprob entries -> OpenAI's completions format (token texts, their logprobs, top {text: logprob}, and
+    where each token's text starts in the choice's text)."""
+    texts = [bytes(e["bytes"]).decode("utf-8", "replace") for e in entries]
+    starts = [offset + sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+    tops = [None if e["top_logprobs"] is None else
+            {bytes(t["bytes"]).decode("utf-8", "replace"): t["logprob"] for t in e["top_logprobs"]} for e in entries]
+    return {"tokens": texts, "token_logprobs": [e["logprob"] for e in entries], "top_logprobs": tops,
+            "text_offset": starts}
+
+
+def completion(jobs: list[Job], results, logprobs: bool) -> dict:
+    choices, n = [], len(jobs[0].params)
+    for p, (job, job_results) in enumerate(zip(jobs, results)):
+        for i, (text, reason, _, entries) in enumerate(job_results):
+            lp = completion_logprobs((job.echo_logprobs or []) + entries) if logprobs else None
+            choices.append({"index": p * n + i, "text": job.echo + text, "finish_reason": reason, "logprobs": lp})
+    usage = {"prompt_tokens": sum(len(j.prompt_ids) for j in jobs),
+             "completion_tokens": sum(r[2] for rs in results for r in rs)}
+    return {**head(jobs[0], "text_completion"), "choices": choices,
+            "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}}
 
 
 async def collect(svc: Service, job: Job) -> list[tuple[str, str, int, list]]:
@@ -298,17 +360,51 @@ async def stream_chat(svc: Service, job: Job, include_usage: bool):
     yield "data: [DONE]\n\n"
 
 
-async def stream_completion(svc: Service, job: Job, include_usage: bool):
-    count = 0
+async def stream_completion(svc: Service, jobs: list[Job], include_usage: bool, logprobs: bool):
+    """Every prompt's choices at once (index p x n + i), each starting with the echoed prompt if asked."""
+    queue: asyncio.Queue = asyncio.Queue()
+    n, first = len(jobs[0].params), jobs[0]
+
+    async def pump(p, job):
+        try:
+            async for item in svc.run(job):
+                await queue.put((p, *item))
+        except ChoiceFailed as e:
+            await queue.put((e, job))
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.ensure_future(pump(p, job)) for p, job in enumerate(jobs)]
+    count, done, sent = 0, 0, [0] * (len(jobs) * n)  # text already sent per choice (its offsets)
     try:
-        async for i, token, piece, reason, _ in svc.run(job):
+        for p, job in enumerate(jobs):
+            for i in range(n) if job.echo else ():
+                lp = completion_logprobs(job.echo_logprobs) if logprobs and job.echo_logprobs else None
+                sent[p * n + i] = len(job.echo)
+                yield sse({**head(first, "text_completion"), "choices": [{"index": p * n + i, "text": job.echo,
+                                                                          "finish_reason": None, "logprobs": lp}]})
+        while done < len(tasks):
+            item = await queue.get()
+            if item is None:
+                done += 1
+                continue
+            if isinstance(item[0], ChoiceFailed):
+                yield stream_error(svc, item[0], item[1])
+                break
+            p, i, token, piece, reason, entry = item
             count += token is not None
-            yield sse({**head(job, "text_completion"), "choices": [{"index": i, "text": piece,
-                                                                    "finish_reason": reason}]})
-        if include_usage:
-            yield sse({**head(job, "text_completion"), "choices": [], "usage": usage_of(job, count)})
-    except ChoiceFailed as e:
-        yield stream_error(svc, e, job)
+            lp = completion_logprobs([entry], sent[p * n + i]) if logprobs and entry is not None else None
+            sent[p * n + i] += len(piece)
+            yield sse({**head(first, "text_completion"), "choices": [{"index": p * n + i, "text": piece,
+                                                                      "finish_reason": reason, "logprobs": lp}]})
+        else:
+            if include_usage:
+                prompt = sum(len(j.prompt_ids) for j in jobs)
+                yield sse({**head(first, "text_completion"), "choices": [], "usage": {
+                    "prompt_tokens": prompt, "completion_tokens": count, "total_tokens": prompt + count}})
+    finally:
+        for t in tasks:
+            t.cancel()
     yield "data: [DONE]\n\n"
 
 

@@ -59,6 +59,10 @@ class Sampling(Open):
     min_p: Annotated[Float, Field(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[Float, Field(ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)] | None = Field(
         None, description="1 = off")
+    frequency_penalty: Annotated[Float, Field(ge=-2, le=2)] | None = Field(
+        None, description="logit -= this x the token's count in the output (OpenAI's definition)")
+    presence_penalty: Annotated[Float, Field(ge=-2, le=2)] | None = Field(
+        None, description="logit -= this once the token is in the output")
     seed: Annotated[Int, Field(ge=-SEED_LIMIT, le=SEED_LIMIT)] | None = Field(
         None, description="choice i samples with seed + i")
     n: Annotated[Int, Field(ge=1, le=16)] = 1
@@ -124,13 +128,57 @@ class ChatRequest(Sampling):
     top_logprobs: Annotated[Int, Field(ge=0, le=20)] | None = None
 
 
+TokenIds = Annotated[list[Annotated[Int, Field(ge=0)]], Field(min_length=1)]
+Text = Annotated[str, Field(min_length=1)]
+
+
 class CompletionRequest(Sampling):
-    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[Int, Field(ge=0)]], Field(min_length=1)] = \
-        Field(description="text (a <bos> is added), or token ids as they are")
-    logprobs: Annotated[Int, Field(ge=0, le=20)] | None = Field(None, description="not returned yet")
+    prompt: Text | TokenIds | Annotated[list[Text], Field(min_length=1, max_length=64)] | \
+        Annotated[list[TokenIds], Field(min_length=1, max_length=64)] = Field(
+            description="text (a <bos> is added), token ids as they are, or a list of either (a batch: the choices "
+                        "of prompt p are indices p x n ... p x n + n - 1)")
+    logprobs: Annotated[Int, Field(ge=0, le=20)] | None = Field(
+        None, description="each token's log-probability and the top k (OpenAI's completions format)")
+    echo: Bool = Field(False, description="the prompt before the completion (with logprobs: the prompt's too)")
+    suffix: str | None = Field(None, description="refused: Gemma 4 has no fill-in-the-middle")
+
+
+class TokenizeRequest(Open):
+    """vLLM's /tokenize: a prompt (text), or chat messages rendered as /v1/chat/completions renders them."""
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_special_tokens: Bool = Field(True, description="a prompt: add <bos>")
+    add_generation_prompt: Bool = Field(True, description="messages: end with the model's turn")
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+
+    @model_validator(mode="after")
+    def one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(Open):
+    model: str | None = None
+    tokens: list[Annotated[Int, Field(ge=0)]]
 
 
 # ---- responses ------------------------------------------------------------------------------------------------
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class Version(BaseModel):
+    version: str
+
 class ErrorBody(BaseModel):
     message: str
     type: str
@@ -199,11 +247,18 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):
@@ -222,6 +277,7 @@ class ModelCard(BaseModel):
     owned_by: str
     root: str | None = None  # what it is served from: the checkpoint, or the adapter's directory (as vLLM)
     parent: str | None = None  # a LoRA adapter's base model (as vLLM)
+    max_model_len: int | None = None  # the context served (as vLLM)
 
 
 class ModelList(BaseModel):
@@ -244,6 +300,7 @@ def sse_response(model: type[BaseModel], what: str) -> dict:
 ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in (
     (400, "the request is malformed or cannot be served (the message says why)"),
     (401, "missing or wrong API key"),
+    (404, "no such model, or no such path"),
     (413, "the request body is over --max-request-bytes (plain text when its Content-Length said so up front)"),
     (429, "too many requests waiting, or too many loading media"),
     (500, "the server failed this request (the message gives a reference to its log)"),

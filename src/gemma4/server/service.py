@@ -79,6 +79,8 @@ class Job:
     constraint: object = None
     created: int = field(default_factory=lambda: int(time.time()))
     adapter: int = 0  # the served LoRA adapter's slot (0: the base model)
+    echo: str = ""  # /v1/completions echo: the prompt's text, before each choice's
+    echo_logprobs: list | None = None  # ... and its tokens' logprob entries (the first has none)
 
 
 class MediaWorkers:
@@ -118,10 +120,30 @@ class Service:
                                        "generation_tokens_total"), 0)
 
     # ---- admission and preparation
-    def admit(self, body: Sampling) -> None:
-        if body.model not in (None, self.model_name) and body.model not in self.llm.adapters:
+    def check_model(self, model: str | None) -> None:
+        if model not in (None, self.model_name) and model not in self.llm.adapters:
             served = ", ".join(repr(n) for n in [self.model_name, *self.llm.adapters])
-            raise APIError(400, f"model {body.model!r} is not served here (served: {served})", param="model")
+            raise APIError(400, f"model {model!r} is not served here (served: {served})", param="model")
+
+    async def tokenize(self, body) -> list[int]:
+        """/tokenize: a prompt's ids, or chat messages' as /v1/chat/completions would feed them (media counted)."""
+        self.check_model(body.model)
+        if body.prompt is not None:
+            return self.llm.tokenizer.encode(body.prompt, add_bos=body.add_special_tokens)
+        thinking = (body.chat_template_kwargs or {}).get("enable_thinking", False)
+        dump = lambda x: x.model_dump(exclude_unset=True, by_alias=True)  # noqa: E731
+        try:
+            chat = await asyncio.to_thread(chat_request.render_request, self.llm, [dump(m) for m in body.messages],
+                                           [dump(t) for t in body.tools] if body.tools else None, None, None,
+                                           thinking is True, None, body.add_generation_prompt)
+            items = await self._load_media(chat) if chat.media else []
+            req = await asyncio.to_thread(chat_request.finish_request, self.llm, chat, items, None)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        return req.prompt_ids
+
+    def admit(self, body: Sampling) -> None:
+        self.check_model(body.model)
         if self.engine.waiting() >= self.limits.max_waiting:
             raise APIError(429, "too many requests waiting; try again later", "rate_limit_error")
         self.counters["requests_total"] += 1
@@ -153,16 +175,52 @@ class Service:
         media = await asyncio.to_thread(self.engine.run_locked, llm.model.encode_media, items) if items else None
         return self._job("chatcmpl", req.prompt_ids, body, req.stop_ids, media, req.constraint)
 
-    async def completion_job(self, body: CompletionRequest) -> Job:
-        if isinstance(body.prompt, str):
-            try:
-                ids = await asyncio.to_thread(chat_request.encode_prompt, self.llm.tokenizer, body.prompt,
-                                              self.max_prompt_tokens, True)
-            except ValueError as e:
-                raise APIError(400, str(e), param="prompt") from None
-        else:
-            ids = list(body.prompt)
-        return self._job("cmpl", ids, body, None)
+    async def completion_jobs(self, body: CompletionRequest) -> list[Job]:
+        """One job per prompt (a list of prompts is a batch)."""
+        if body.suffix:
+            raise APIError(400, "suffix is not supported: Gemma 4 has no fill-in-the-middle", param="suffix")
+        if body.echo and body.logprobs is not None and self.llm.parallel is not None:
+            raise APIError(400, "echo with logprobs is not supported with tensor parallelism", param="echo")
+        prompts = body.prompt if isinstance(body.prompt, list) and not isinstance(body.prompt[0], int) \
+            else [body.prompt]
+        jobs = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                try:
+                    ids = await asyncio.to_thread(chat_request.encode_prompt, self.llm.tokenizer, prompt,
+                                                  self.max_prompt_tokens, True)
+                except ValueError as e:
+                    raise APIError(400, str(e), param="prompt") from None
+            else:
+                ids = list(prompt)
+            job = self._job("cmpl", ids, body, None)
+            if body.echo:
+                job.echo = prompt if isinstance(prompt, str) else self.llm.tokenizer.decode(ids)
+                if body.logprobs is not None:
+                    job.echo_logprobs = await asyncio.to_thread(self.engine.run_locked, self.prompt_logprobs, ids,
+                                                                body.logprobs)
+            jobs.append(job)
+        return jobs
+
+    def prompt_logprobs(self, ids: list[int], k: int) -> list[dict]:
+        """Logprob entries of a prompt's tokens (each given the ones before it; the first has none), from one
+        forward over the prompt, its logits taken 256 rows at a time."""
+        model, tok = self.llm.model, self.llm.tokenizer
+        with torch.inference_mode():
+            hidden = model.hidden(torch.tensor([ids]))[0]
+            entries = [{"token": tok.id_to_token(ids[0]), "logprob": None, "bytes": list(tok.decode([ids[0]]).encode()),
+                        "top_logprobs": None}]
+            for a in range(0, len(ids) - 1, 256):
+                logp = torch.log_softmax(model.language_model.logits(hidden[a:min(a + 256, len(ids) - 1)]).float(), -1)
+                for row, i in enumerate(range(a + 1, min(a + 257, len(ids)))):
+                    top = logp[row].topk(k) if k else None
+                    entries.append({"token": tok.id_to_token(ids[i]), "logprob": float(logp[row, ids[i]]),
+                                    "bytes": list(tok.decode([ids[i]]).encode()),
+                                    "top_logprobs": [{"token": tok.id_to_token(j), "logprob": v,
+                                                      "bytes": list(tok.decode([j]).encode())}
+                                                     for v, j in zip(top.values.tolist(), top.indices.tolist())]
+                                    if top is not None else []})
+        return entries
 
     async def _load_media(self, chat) -> list:
         """Fetch and decode a request's media on the media workers (429 when too many requests wait for them)."""
@@ -190,11 +248,12 @@ class Service:
             engine.check(prompt_ids, media)
             room = engine.max_prompt_tokens + 1 - len(prompt_ids)
             limit = min(body.max_tokens or room, room)
-            # /v1/completions does not return log-probabilities yet
-            logprobs = (body.top_logprobs or 0) if isinstance(body, ChatRequest) and body.logprobs else None
+            logprobs = ((body.top_logprobs or 0) if body.logprobs else None) if isinstance(body, ChatRequest) \
+                else body.logprobs
             params = [self.llm.generation.sampling(
                 limit, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
-                repetition_penalty=body.repetition_penalty, seed=None if body.seed is None else body.seed + i,
+                repetition_penalty=body.repetition_penalty, frequency_penalty=body.frequency_penalty,
+                presence_penalty=body.presence_penalty, seed=None if body.seed is None else body.seed + i,
                 stop_token_ids=stop_ids, logprobs=logprobs, speculative=body.speculative) for i in range(body.n)]
         except ValueError as e:
             raise APIError(400, str(e).removeprefix("SamplingParams: ")) from None
