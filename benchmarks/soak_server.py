@@ -64,8 +64,11 @@ def rss_mb(pid: int) -> float:
 
 
 async def metrics(client, url) -> dict:
+    """{metric name: value} of the server's gauges and counters (one model, so one sample each)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     text = (await client.get(url + "/metrics", headers=HEADERS)).text
-    return {k: float(v) for k, v in (line.split() for line in text.splitlines() if line and not line[0] == "#")}
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
 
 
 def victim_body(i: int, stream: bool) -> dict:
@@ -171,18 +174,18 @@ async def soak(url: str, pid: int, args) -> tuple[collections.Counter, list, lis
             except (httpx.HTTPError, asyncio.TimeoutError) as e:
                 problems.append(f"/metrics did not answer: {type(e).__name__}")
                 continue
-            samples.append((time.monotonic() - start, rss_mb(pid), m["gemma4_kv_used_bytes"],
-                            m["gemma4_requests_running"], sum(stats.values())))
+            samples.append((time.monotonic() - start, rss_mb(pid), m["gemma4:kv_cache_used_bytes"],
+                            m["gemma4:num_requests_running"], sum(stats.values())))
             print(f"  t={samples[-1][0]:6.0f} s  RSS {samples[-1][1]:7.1f} MB  K/V in use {samples[-1][2] / 1e6:8.2f} "
                   f"MB"
                   f"  running {samples[-1][3]:3.0f}  requests so far {samples[-1][4]}", flush=True)
         await asyncio.gather(*clients)
         for _ in range(100):  # dropped requests end at the engine's next step
             m = await metrics(c, url)
-            if m["gemma4_kv_used_bytes"] == 0 and m["gemma4_requests_running"] == 0:
+            if m["gemma4:kv_cache_used_bytes"] == 0 and m["gemma4:num_requests_running"] == 0:
                 break
             await asyncio.sleep(0.1)
-        samples.append(("idle", rss_mb(pid), m["gemma4_kv_used_bytes"], m["gemma4_requests_running"],
+        samples.append(("idle", rss_mb(pid), m["gemma4:kv_cache_used_bytes"], m["gemma4:num_requests_running"],
                         sum(stats.values())))
         return stats, problems, samples
 

@@ -87,7 +87,7 @@ def test_models_health_metrics(server, client):
     assert httpx.get(server + "/health").json() == {"status": "ok"}
     assert httpx.get(server + "/metrics").status_code == 401  # behind the key unless --metrics-public
     text = httpx.get(server + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
-    assert "gemma4_kv_used_bytes" in text and "gemma4_requests_total" in text
+    assert "gemma4:kv_cache_used_bytes" in text and "gemma4:requests_total" in text
 
 
 def test_plain_and_streaming_agree_with_exact_usage(llm, client):

@@ -493,7 +493,7 @@ def test_sigterm_drains_then_exits_0(tmp_path):
         time.sleep(1.0)
         short.start()
         for _ in range(200):  # both generating
-            if "gemma4_requests_running 2" in httpx.get(url + "/metrics", timeout=5).text:
+            if 'gemma4:num_requests_running{model_name="tiny"} 2.0' in httpx.get(url + "/metrics", timeout=5).text:
                 break
             time.sleep(0.01)
         t = time.monotonic()

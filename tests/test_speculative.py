@@ -233,18 +233,20 @@ def test_metrics_report_drafts(drafter_dir):
     llm = gemma4.LLM(path, dtype="float32", device="cpu", draft_model=drafter, num_draft_tokens=2)
     llm.generate([[2, 17, 300, 45]], max_new_tokens=8, temperature=0)
     stats = llm.engine.draft_stats
+    from prometheus_client.parser import text_string_to_metric_families
+
     service = Service(llm, "m")
     try:
-        text = service.metrics()
+        text = service.metrics.render().decode()
     finally:
         service.engine.stop()
-    assert f"gemma4_spec_decode_num_draft_tokens_total {stats['drafted']}\n" in text and stats["drafted"] > 0
-    assert f"gemma4_spec_decode_num_accepted_tokens_total {stats['accepted']}\n" in text
+    got = {(s.name, s.labels.get("position")): s.value for f in text_string_to_metric_families(text)
+           for s in f.samples}
+    assert got["gemma4:spec_decode_num_draft_tokens_total", None] == stats["drafted"] > 0
+    assert got["gemma4:spec_decode_num_accepted_tokens_total", None] == stats["accepted"]
     for i in range(2):
-        assert f'gemma4_spec_decode_num_draft_tokens_per_pos_total{{position="{i}"}} {stats["drafted_at"][i]}\n' \
-            in text
-        assert f'gemma4_spec_decode_num_accepted_tokens_per_pos_total{{position="{i}"}} {stats["accepted_at"][i]}' \
-            in text
+        assert got["gemma4:spec_decode_num_draft_tokens_per_pos_total", str(i)] == stats["drafted_at"][i]
+        assert got["gemma4:spec_decode_num_accepted_tokens_per_pos_total", str(i)] == stats["accepted_at"][i]
 
 
 def test_a_failing_request_leaves_the_others(pair):

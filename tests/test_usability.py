@@ -266,3 +266,81 @@ def test_help_shows_defaults():
     assert "(default: 8000)" in out and "(default: 127.0.0.1)" in out
     out = subprocess.run(CLI + ["generate", "--help"], capture_output=True, text=True, check=True).stdout
     assert "tokens to generate at most (default: 128)" in " ".join(out.split())
+
+
+# ---- observability --------------------------------------------------------------------------------------------
+def test_metrics_are_prometheus_and_histograms_move(api, caplog):
+    """/metrics parses with prometheus_client's own parser; vLLM's names under gemma4:, HELP and TYPE on each;
+    the latency and size histograms count every request run."""
+    import logging
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape():
+        fams = {f.name: f for f in text_string_to_metric_families(api.get("/metrics").text)}
+        return fams, {(s.name, tuple(sorted(s.labels.items()))): s.value for f in fams.values() for s in f.samples}
+
+    fams, before = scrape()
+    for name, kind in (("gemma4:time_to_first_token_seconds", "histogram"),
+                       ("gemma4:inter_token_latency_seconds", "histogram"),
+                       ("gemma4:e2e_request_latency_seconds", "histogram"),
+                       ("gemma4:request_queue_time_seconds", "histogram"),
+                       ("gemma4:request_prompt_tokens", "histogram"), ("gemma4:request_generation_tokens", "histogram"),
+                       ("gemma4:num_requests_running", "gauge"), ("gemma4:num_requests_waiting", "gauge"),
+                       ("gemma4:kv_cache_usage_perc", "gauge"), ("gemma4:prompt_tokens", "counter"),
+                       ("gemma4:generation_tokens", "counter"), ("gemma4:num_preemptions", "counter"),
+                       ("gemma4:prefix_cache_hits", "counter"), ("gemma4:prefix_cache_queries", "counter")):
+        assert fams[name].type == kind and fams[name].documentation, name
+    label = (("model_name", "tiny"),)
+    with caplog.at_level(logging.INFO, logger="gemma4.access"):
+        usage = [api.post("/v1/completions", json={"prompt": "Hello", "max_tokens": n, "temperature": 0}).json()[
+            "usage"] for n in (3, 5)]
+    _, after = scrape()
+    moved = lambda name: after[name, label] - before.get((name, label), 0)  # noqa: E731
+    assert moved("gemma4:time_to_first_token_seconds_count") == 2
+    assert moved("gemma4:inter_token_latency_seconds_count") == 2 + 4
+    assert moved("gemma4:e2e_request_latency_seconds_count") == moved("gemma4:request_queue_time_seconds_count") == 2
+    assert moved("gemma4:request_generation_tokens_sum") == 8 == moved("gemma4:generation_tokens_total")
+    assert moved("gemma4:request_prompt_tokens_sum") == sum(u["prompt_tokens"] for u in usage)
+    assert after["gemma4:request_success_total", (("finished_reason", "length"), *label)] >= 2
+    lines = [r.getMessage() for r in caplog.records if r.name == "gemma4.access"]
+    assert any('"POST /v1/completions" 200 2+3 tokens' in line for line in lines), lines
+
+
+def test_errors_are_logged(api, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        assert api.post("/v1/completions", json={"prompt": "x", "max_tokens": 0}).status_code == 400
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("POST /v1/completions -> 400 max_tokens" in m for m in messages)
+    assert any('"POST /v1/completions" 400' in m for m in messages)
+
+
+def test_progress_bar_on_a_terminal(ckpt):
+    """Loading and quantizing show tqdm bars on a terminal (and nothing when stderr is a file)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    path = ckpt("31b")[0]
+    code = f"import gemma4; gemma4.load({path!r}, quantize='int8')"
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a pty's default is 0 columns
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=slave, stderr=slave)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        out += data
+    assert proc.wait() == 0
+    text = out.decode(errors="replace")
+    assert "loading" in text and "quantizing to int8" in text
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "quantizing" not in quiet.stderr

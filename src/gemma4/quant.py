@@ -143,10 +143,12 @@ def quantize_structure(text: TextModel, bits: int, group_size: int, dtype: torch
 def quantize_model(model, bits: int, group_size: int = kernels.DEFAULT_GROUP_SIZE):
     """Quantize a loaded float `Gemma4` in place (weights are quantized one matrix at a time)."""
     text = model.language_model
+    from tqdm import tqdm
+
     originals = quantize_structure(text, bits, group_size, model.dtype)
-    for module in text.modules():
-        if id(module) in originals:
-            module.set_weight(originals.pop(id(module)).float())
+    todo = [m for m in text.modules() if id(m) in originals]
+    for module in tqdm(todo, desc=f"quantizing to int{bits}", unit="matrix", disable=None, leave=False):
+        module.set_weight(originals.pop(id(module)).float())
     model.quantization = {"quant_method": QUANT_METHOD, "bits": bits, "group_size": group_size}
     return model
 

@@ -19,6 +19,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,7 @@ class TokenEvent:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     error: Exception | None = None  # what ended it, with finish_reason "error"
+    queued: float | None = None  # on a request's first token: seconds from `add` to its first schedule
 
 
 def default_kv_memory(model: Gemma4) -> int:
@@ -150,7 +152,7 @@ class Engine:
         stop = frozenset(params.stop_token_ids) if params.stop_token_ids is not None else self.default_stop
         seq = Sequence(request_id, list(prompt), params, stop, Sampler(params, seen=set(prompt), constraint=constraint),
                        media=media if slots else None)
-        seq.adapter = adapter
+        seq.adapter, seq.added_at = adapter, time.monotonic()
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
 
@@ -408,7 +410,8 @@ class Engine:
         if reason:
             self.scheduler.finish(seq, reason)
             self.sequences.pop(seq.id)
-        return TokenEvent(seq.id, token, reason, logprob, top)
+        queued = seq.scheduled_at - seq.added_at if len(seq.output) == 1 and seq.scheduled_at else None
+        return TokenEvent(seq.id, token, reason, logprob, top, queued=queued)
 
 
 class AsyncEngine:

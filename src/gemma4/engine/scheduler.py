@@ -9,6 +9,8 @@ does not change). Cancelled sequences are dropped, and their blocks freed, at th
 """
 from __future__ import annotations
 
+import time
+
 from collections import deque
 from dataclasses import dataclass
 
@@ -185,6 +187,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
+            if seq.scheduled_at is None:
+                seq.scheduled_at = time.monotonic()
             self.arrivals += 1
             seq.arrival = self.arrivals
             self.cached_tokens += seq.computed

@@ -34,6 +34,8 @@ class Sequence:
     acceptance: float = 1.0  # running estimate of the chance that a draft is kept (engine: how many to draft)
     plain_steps: int = 0  # steps decoded without drafts since the last drafting one
     adapter: int = 0  # the served LoRA adapter's slot (0: the base model)
+    added_at: float = 0.0  # time.monotonic() when it reached the engine, and when first scheduled (metrics)
+    scheduled_at: float | None = None
 
     @property
     def tokens(self) -> list[int]:

@@ -17,6 +17,7 @@ import asyncio
 import hmac
 import json
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -34,6 +35,7 @@ from .protocol import ERRORS, ChatCompletion, ChatRequest, Completion, Completio
 from .service import APIError, ChoiceFailed, Job, Limits, Service
 
 log = logging.getLogger("gemma4.server")
+access = logging.getLogger("gemma4.access")
 router = APIRouter()
 bearer = HTTPBearer(auto_error=False, description="the server's --api-key, as `Authorization: Bearer KEY`")
 
@@ -49,6 +51,7 @@ def create_app(llm, model_name: str = "gemma4", api_key: str | None = None, poli
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_middleware(CatchAll)
+    app.add_middleware(AccessLog)
     app.openapi = lambda: openapi(app)
     return app
 
@@ -93,6 +96,8 @@ async def require_metrics_key(request: Request,
 
 def error_response(e: APIError, request: Request) -> JSONResponse:
     request.app.state.service.counters["requests_failed_total"] += 1
+    log.log(logging.WARNING if e.status != 401 else logging.INFO, "%s %s -> %d %s", request.method,
+            request.url.path, e.status, e.message)
     headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
     return JSONResponse(e.body(), e.status, headers=headers)
 
@@ -121,6 +126,34 @@ async def on_http_error(request: Request, e: HTTPException) -> JSONResponse:
         message = f"the request body is over the server's limit of {limit} bytes"
     return error_response(APIError(e.status_code, message, "request_too_large" if e.status_code == 413 else
                                    "invalid_request_error"), request)
+
+
+class AccessLog:
+    """One line per request once its answer is sent (streams: at their end): client, method, path, status,
+    prompt and generated tokens, seconds. Logger `gemma4.access`, at INFO."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.monotonic(), [0]
+
+        async def watched(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        finally:
+            jobs = scope.get("state", {}).get("jobs") or []
+            tokens = f" {sum(len(j.prompt_ids) for j in jobs)}+{sum(j.generated for j in jobs)} tokens" if jobs \
+                else ""
+            client = scope.get("client") or ("-", 0)
+            access.info('%s:%s "%s %s" %s%s %.3fs', client[0], client[1], scope.get("method"), scope.get("path"),
+                        status[0] or "-", tokens, time.monotonic() - start)
 
 
 class CatchAll:
@@ -239,7 +272,9 @@ async def detokenize(body: DetokenizeRequest, svc: Service = Depends(service)):
             responses={401: {"description": ERRORS[401]["description"], "content": {"application/json": {
                 "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}})
 async def metrics(svc: Service = Depends(service)):
-    return PlainTextResponse(svc.metrics(), media_type="text/plain; version=0.0.4")
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.post("/v1/chat/completions", dependencies=[Depends(require_key)],
@@ -256,6 +291,7 @@ async def completions(body: CompletionRequest, request: Request, svc: Service = 
     here, jobs = await unless_disconnected(request, svc.completion_jobs(body))
     if not here:
         return GONE
+    request.state.jobs = jobs
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(stream_completion(svc, jobs, usage, body.logprobs is not None),
@@ -271,6 +307,7 @@ async def answer(request: Request, svc: Service, body, prepare, stream, whole):
     here, job = await unless_disconnected(request, prepare(body))
     if not here:
         return GONE
+    request.state.jobs = [job]
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(stream(svc, job, usage), media_type="text/event-stream")

@@ -79,6 +79,8 @@ class Job:
     constraint: object = None
     created: int = field(default_factory=lambda: int(time.time()))
     adapter: int = 0  # the served LoRA adapter's slot (0: the base model)
+    arrived: float = field(default_factory=time.monotonic)  # for the latency metrics
+    generated: int = 0  # tokens generated so far, all choices (the access log)
     echo: str = ""  # /v1/completions echo: the prompt's text, before each choice's
     echo_logprobs: list | None = None  # ... and its tokens' logprob entries (the first has none)
 
@@ -118,6 +120,9 @@ class Service:
         self.max_prompt_tokens = llm.engine.max_prompt_tokens
         self.counters = dict.fromkeys(("requests_total", "requests_failed_total", "prompt_tokens_total",
                                        "generation_tokens_total"), 0)
+        from .metrics import Metrics
+
+        self.metrics = Metrics(self)
 
     # ---- admission and preparation
     def check_model(self, model: str | None) -> None:
@@ -268,13 +273,25 @@ class Service:
         it (leaving the loop cancels the generation); ChoiceFailed if the engine ended it with an error."""
         tok, params = self.llm.tokenizer, job.params[index]
         decoder, text = tok.decode_stream(), ""
+        m, last, count = self.metrics, None, 0
         async for ev in self.engine.generate(job.prompt_ids, params, job.media, job.constraint, f"{job.id}/{index}",
                                              job.adapter):
+            now = time.monotonic()
+            if ev.finish_reason is not None:
+                m.finished(ev.finish_reason, len(job.prompt_ids), count + (ev.token_id is not None), now - job.arrived)
             if ev.finish_reason == "error":
                 raise ChoiceFailed(ev.error)
             if ev.token_id is None:
                 yield None, "", ev.finish_reason, None
                 return
+            if ev.queued is not None:
+                m.queue.observe(ev.queued)
+            if last is None:
+                m.ttft.observe(now - job.arrived)
+            else:
+                m.itl.observe(now - last)
+            last, count = now, count + 1
+            job.generated += 1
             self.counters["generation_tokens_total"] += 1
             stopped = ev.finish_reason == "stop" and ev.token_id in params.stop_token_ids
             piece = "" if stopped else decoder.step(ev.token_id)
@@ -287,6 +304,8 @@ class Service:
             text += piece
             hit = next((s for s in job.stops if s in text), None)
             if hit is not None:  # cut at the stop string
+                if ev.finish_reason is None:  # (a stop string at the last token was counted above)
+                    m.finished("stop", len(job.prompt_ids), count, now - job.arrived)
                 cut = text.index(hit)
                 yield ev.token_id, piece[:max(0, len(piece) - (len(text) - cut))], "stop", entry
                 return
@@ -320,22 +339,3 @@ class Service:
         finally:
             for t in tasks:
                 t.cancel()
-
-    def metrics(self) -> str:
-        stats = self.llm.engine.stats()
-        mem = stats["memory"]
-        lines = [f"gemma4_{k} {v}" for k, v in self.counters.items()]
-        lines += [f"gemma4_kv_used_bytes {mem['used_bytes']}", f"gemma4_kv_free_bytes {mem['free_bytes']}",
-                  f"gemma4_requests_running {stats['running']}", f"gemma4_requests_waiting {stats['waiting']}",
-                  f"gemma4_preemptions_total {stats['preemptions']}",
-                  f"gemma4_prefix_cache_tokens_total {stats['cached_prompt_tokens']}",
-                  f"gemma4_media_jobs {self.media_jobs}"]
-        drafts = stats["drafts"]
-        if drafts is not None:  # speculative decoding, named after vLLM's spec_decode counters
-            lines += [f"gemma4_spec_decode_num_draft_tokens_total {drafts['drafted']}",
-                      f"gemma4_spec_decode_num_accepted_tokens_total {drafts['accepted']}"]
-            lines += [f'gemma4_spec_decode_num_accepted_tokens_per_pos_total{{position="{i}"}} {n}'
-                      for i, n in enumerate(drafts["accepted_at"])]
-            lines += [f'gemma4_spec_decode_num_draft_tokens_per_pos_total{{position="{i}"}} {n}'
-                      for i, n in enumerate(drafts["drafted_at"])]
-        return "\n".join(lines) + "\n"

@@ -198,9 +198,15 @@ def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None 
     shared = {s.index for s in config.text.layers if s.kv_shared}
     state: dict[str, torch.Tensor] = {}
     ple_rows = None
+    from tqdm import tqdm
+
+    # A progress bar on a terminal (tqdm's disable=None: not when stderr is a file or pipe).
+    bar = tqdm(total=sum(os.path.getsize(f) for f in files), desc="loading", unit="B", unit_scale=True,
+               disable=None, leave=False)
     for file in files:
         with open_safetensors(file) as f:
             for key in f.keys():
+                bar.update(_tensor_bytes(f, key))
                 name = our_name(key, config)
                 if name.startswith(_TOWERS) and not media:
                     continue  # a text-only load: the towers are not built
@@ -222,6 +228,7 @@ def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None 
                     continue
                 t = f.get_tensor(key)
                 state[name] = t.to(device=device, dtype=None if _keeps_stored_dtype(name, t) else read_dtype)
+    bar.close()
     missing = sorted(set(wanted) - set(state))
     if missing:
         raise CheckpointError(f"{ckpt}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
@@ -250,6 +257,15 @@ def load(path: str | os.PathLike, dtype=None, device=None, quantize: str | None 
     if device.type == "cpu" and memory.hugepages():  # decode streams every weight: no TLB miss per 4 kB
         memory.move_to_hugepages(model, keep=_read_sparsely(model))
     return model.eval()
+
+
+def _tensor_bytes(f, key: str) -> int:
+    """A safetensors entry's size in bytes, from its header."""
+    sl = f.get_slice(key)
+    n = 1
+    for d in sl.get_shape():
+        n *= d
+    return n * {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "I32": 4, "I64": 8, "F64": 8}.get(sl.get_dtype(), 2)
 
 
 def _read_sparsely(model) -> list[torch.Tensor]:
