@@ -1,11 +1,9 @@
 """What users coming from vLLM, llama.cpp, Ollama and mlx-lm reach for (issue 27): each bug found trying it as
 they would, fixed (every test here failed before its fix), and the endpoints and flags they expect."""
-import json
 import os
 import socket
 import subprocess
 import sys
-import time
 import wave
 
 import numpy as np

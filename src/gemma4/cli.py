@@ -263,7 +263,7 @@ def _csv(text: str | None, what: str, kind=str) -> tuple | None:
 def cmd_finetune(args) -> int:
     from .train.data import load_dataset
     from .train.lora import TEXT_MODULES, LoRAConfig
-    from .train.trainer import Trainer, TrainConfig, latest_checkpoint
+    from .train.trainer import TrainConfig, Trainer, latest_checkpoint
 
     lora = LoRAConfig(r=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
                       dropout=args.dropout, target_modules=_csv(args.target_modules, "--target-modules") or

@@ -10,7 +10,6 @@ does not change). Cancelled sequences are dropped, and their blocks freed, at th
 from __future__ import annotations
 
 import time
-
 from collections import deque
 from dataclasses import dataclass
 

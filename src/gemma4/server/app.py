@@ -23,15 +23,34 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
 from .. import __version__
 from ..chat.parse import StreamParser, parse_output
 from ..chat.request import MediaPolicy
-from .protocol import ERRORS, ChatCompletion, ChatRequest, Completion, CompletionRequest, DetokenizeRequest, \
-    DetokenizeResponse, Health, ModelCard, ModelList, TokenizeRequest, TokenizeResponse, Version, sse_response
+from .protocol import (
+    ERRORS,
+    ChatCompletion,
+    ChatRequest,
+    Completion,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    Health,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    Version,
+    sse_response,
+)
 from .service import APIError, ChoiceFailed, Job, Limits, Service
 
 log = logging.getLogger("gemma4.server")
