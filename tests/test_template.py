@@ -116,7 +116,7 @@ def test_normalize_openai_parts():
     assert out[1]["content"] == [{"type": "text", "text": "Compare "}, {"type": "image"}, {"type": "audio"},
                                  {"type": "video"}, {"type": "image"}]
     assert media == [{"kind": "image", "source": "https://x/a.png"},
-                     {"kind": "audio", "source": "UklGRg==", "format": "wav"},
+                     {"kind": "audio", "source": "UklGRg==", "base64": True, "format": "wav"},
                      {"kind": "video", "source": "file:///v.mp4"},
                      {"kind": "image", "source": PNG}]
     # (a system message given as parts keeps a space after each part: template behaviour, case system_list_parts)
@@ -157,7 +157,8 @@ def test_normalize_tool_media_come_before_the_calling_message_content():
 @pytest.mark.parametrize("messages, match", [
     ([{"role": "user", "content": [{"type": "file", "file": {}}]}], "unknown content part type 'file'"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], r"content\[0\].image_url needs a url"),
-    ([{"role": "user", "content": [{"type": "input_audio", "input_audio": {"format": "wav"}}]}], "input_audio.data"),
+    ([{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": 5, "format": "wav"}}]}],
+     "input_audio.data"),
     ([{"role": "user", "content": [{"type": "text", "text": 3}]}], "string 'text'"),
     ([{"role": "user", "content": ["hi"]}], r"content\[0\] must be a dict"),
     ([{"role": "system", "content": [{"type": "image"}]}, {"role": "user", "content": "x"}], "system message"),

@@ -342,3 +342,19 @@ def test_progress_bar_on_a_terminal(ckpt):
     assert "loading" in text and "quantizing to int8" in text
     quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "quantizing" not in quiet.stderr
+
+
+@pytest.mark.parametrize("parameters,message", [
+    ({"type": "string"}, "must be a JSON schema of type object"),
+    ({"type": "object", "properties": 3}, "properties must map each argument name"),
+    ({"type": "object", "properties": {"a": "int"}}, "properties must map each argument name"),
+    ({"type": "object", "required": "a"}, "required must be a list of argument names"),
+    ({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}, None)])
+def test_malformed_tools_are_a_400(api, parameters, message):
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": parameters}}]}
+    r = api.post("/v1/chat/completions", json=body)
+    if message is None:
+        assert r.status_code == 200
+    else:
+        assert r.status_code == 400 and message in r.json()["error"]["message"]

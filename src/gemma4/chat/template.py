@@ -231,8 +231,17 @@ def _check_tools(tools) -> list[dict] | None:
         name = function.get("name")
         if not isinstance(name, str) or not name:
             raise ChatTemplateError(f"tools[{i}] has no function name")
-        if function.get("parameters") is not None and not isinstance(function["parameters"], Mapping):
-            raise ChatTemplateError(f"tools[{i}] ({name}): parameters must be a JSON schema object")
+        params = function.get("parameters")
+        if params is not None:  # OpenAI's rule: a JSON schema of an object (the arguments), as the templates read
+            where = f"tools[{i}] ({name}).parameters"
+            if not isinstance(params, Mapping) or params.get("type", "object") != "object":
+                raise ChatTemplateError(f"{where} must be a JSON schema of type object")
+            if not isinstance(params.get("properties", {}), Mapping) or \
+                    not all(isinstance(v, Mapping) for v in params.get("properties", {}).values()):
+                raise ChatTemplateError(f"{where}.properties must map each argument name to its JSON schema")
+            required = params.get("required", [])
+            if not isinstance(required, (list, tuple)) or not all(isinstance(r, str) for r in required):
+                raise ChatTemplateError(f"{where}.required must be a list of argument names")
         out.append(tool)
     return out
 

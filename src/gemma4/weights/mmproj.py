@@ -81,10 +81,12 @@ _GLOBAL = {
     "audio_tower.subsample_conv_projection.layer1.conv.weight": "a.conv1d.1.weight",
     "audio_tower.subsample_conv_projection.layer1.norm.weight": "a.conv1d.1.norm.weight",
     "audio_tower.subsample_conv_projection.input_proj_linear.weight": "a.input_projection.weight",
-    "audio_tower.output_proj.weight": "a.pre_encode.out.weight", "audio_tower.output_proj.bias": "a.pre_encode.out.bias",
+    "audio_tower.output_proj.weight": "a.pre_encode.out.weight",
+    "audio_tower.output_proj.bias": "a.pre_encode.out.bias",
     "embed_audio.embedding_projection.weight": "mm.a.input_projection.weight",
 }
-_LAYER_PREFIX = {"vision_tower.encoder.layers.": ("v.blk.", _VISION_LAYER), "audio_tower.layers.": ("a.blk.", _AUDIO_LAYER)}
+_LAYER_PREFIX = {"vision_tower.encoder.layers.": ("v.blk.", _VISION_LAYER),
+                 "audio_tower.layers.": ("a.blk.", _AUDIO_LAYER)}
 
 
 def file_name(ours: str) -> str:
