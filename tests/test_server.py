@@ -194,7 +194,7 @@ BAD = [  # (body or raw text, expected status, text in the message)
      "schema"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hello " * 140000}]}, 400, "context"),
     ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
-        "url": "data:image/png;base64,AAAA"}}]}]}, 400, "no vision encoder"),  # refused before decoding
+        "url": "data:image/png;base64,AAAA"}}]}]}, 400, "not a recognised image format"),
     ({"model": "tiny", "messages": HELLO, "max_tokens": 0}, 400, "max_tokens"),
     ({"model": "tiny", "prompt": ""}, 400, "prompt"),
 ]

@@ -25,7 +25,6 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-import reference  # noqa: E402
 from test_server import start  # noqa: E402
 
 from gemma4.chat import fetch  # noqa: E402
@@ -44,11 +43,16 @@ VICTIM_TOKENS = 48
 
 @pytest.fixture(scope="module")
 def llm():
-    """The built-in tiny model with tiny vision and audio towers (random weights, the real tokenizer and media
-    ids), so that media requests get as far as the towers."""
+    """The built-in tiny model, with its tiny vision and audio towers (random weights, the real tokenizer and
+    media ids): media requests get as far as the towers."""
+    return LLM()
+
+
+def text_only_llm():
+    """The built-in tiny model without its towers."""
     llm = LLM()
     config = json.loads(resources.files("gemma4").joinpath("data/tiny-random/config.json").read_text())
-    config.update(vision_config=reference.VISION_EDGE, audio_config=reference.AUDIO_RUN)
+    config.update(vision_config=None, audio_config=None)
     llm.model = tiny_random_model(config=parse_config(config))
     llm.config = llm.model.config
     return llm
@@ -254,7 +258,7 @@ def test_media_refused_before_decoding_when_the_model_takes_none(monkeypatch):
     """The text-only tiny model: audio and images are refused by kind, not after decoding them."""
     from gemma4 import media
 
-    text_only = LLM()
+    text_only = text_only_llm()
     monkeypatch.setattr(media, "preprocess_audio", lambda *a: pytest.fail("decoded audio for a model without"))
     monkeypatch.setattr(media, "preprocess_image", lambda *a: pytest.fail("decoded an image for a model without"))
     srv, url = start(create_app(text_only, "tiny"))
