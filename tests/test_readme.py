@@ -110,9 +110,9 @@ def test_shell_line(line, workdir, tiny):
         subprocess.run([GEMMA4, "export", "--model", "tiny-model", "--gguf", "gemma-4-E2B-it-Q4_0.gguf", "--type",
                         "q4_0"], cwd=workdir, check=True, capture_output=True)
     if "--mmproj mmproj-gemma-4" in line:
-        pytest.skip("the built-in model has no towers to put in an mmproj (tests/test_mmproj.py)")
+        pytest.skip("needs a GGUF model with an mmproj beside it: tests/test_mmproj.py makes and runs them")
     if "--mmproj mmproj-e2b.gguf" in line:
-        pytest.skip("the built-in model has no towers to write (tests/test_mmproj.py)")
+        pytest.skip("the tiny checkpoint standing in for E2B has no towers: tests/test_mmproj.py exports them")
     if ("--adapter my-adapter" in line or "my-adapter" in line) and "finetune" not in line \
             and not (workdir / "my-adapter").exists():
         shell_line(".venv/bin/gemma4 finetune --model tiny-model --data train.jsonl --out my-adapter --epochs 1",
