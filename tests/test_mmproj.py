@@ -162,12 +162,12 @@ def test_bad_mmproj_files(built, tmp_path):
     assert out.returncode != 0 and "projects to width 32" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_export_mmproj_cli(built, tmp_path):
+def test_export_mmproj_cli(built, ckpt, tmp_path):
     """`gemma4 export --mmproj`: q4_0 writes its towers f16 (as Q4_0 models ship them); a model without towers
     is a clear error."""
-    ckpt, ours, _ = built("edge")
+    source, ours, _ = built("edge")
     gg, mm = str(tmp_path / "m.gguf"), str(tmp_path / "mmproj-m.gguf")
-    out = subprocess.run([sys.executable, "-m", "gemma4.cli", "export", "--model", ckpt, "--gguf", gg, "--type",
+    out = subprocess.run([sys.executable, "-m", "gemma4.cli", "export", "--model", source, "--gguf", gg, "--type",
                           "q4_0", "--mmproj", mm], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     fields, tensors = read_header(mm)
@@ -176,8 +176,9 @@ def test_export_mmproj_cli(built, tmp_path):
     item = media_items("edge")[0]
     with torch.no_grad():
         assert_close(model.encode_media([item]), ours.encode_media([item]), 3e-3)
-    out = subprocess.run([sys.executable, "-m", "gemma4.cli", "export", "--gguf", str(tmp_path / "t.gguf"),
-                          "--mmproj", str(tmp_path / "mmproj-t.gguf")], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "gemma4.cli", "export", "--model", ckpt("e2b")[0], "--gguf",
+                          str(tmp_path / "t.gguf"), "--mmproj", str(tmp_path / "mmproj-t.gguf")],
+                         capture_output=True, text=True)
     assert out.returncode != 0 and "no vision or audio tower" in out.stderr and "Traceback" not in out.stderr
 
 
