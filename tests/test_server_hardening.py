@@ -146,6 +146,27 @@ POISON = [  # (request, status, text in the error): each while 4 victims run
 ]
 
 
+# issue 27's additions, each while 4 victims run: prompt logprobs (a forward on the engine's thread), a batch of
+# prompts with penalties, a 1 MB /tokenize (off the event loop), a bad penalty, a malformed tool schema
+ADDED = [
+    ("/v1/completions", {"prompt": "word " * 1500, "max_tokens": 2, "echo": True, "logprobs": 20}, 200, None),
+    ("/v1/completions", {"prompt": ["a b", "c d"] * 8, "max_tokens": 3, "n": 2, "frequency_penalty": -2.0,
+                         "presence_penalty": 2.0, "temperature": 1.0}, 200, None),
+    ("/tokenize", {"prompt": "word " * 200_000}, 200, None),
+    ("/v1/completions", {"prompt": "x", "frequency_penalty": 3.0}, 400, "frequency_penalty"),
+    ("/v1/chat/completions", chat(tools=[{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": 3}}}]), 400, "properties must map"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,words", ADDED, ids=[str(i) for i in range(len(ADDED))])
+def test_new_features_harm_nobody(server, alone, path, body, status, words):
+    r = under_attack(server, lambda: post(server, path, json=body), alone)
+    assert r.status_code == status, r.text
+    if words:
+        assert words in r.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("body,status,words", POISON, ids=[str(i) for i in range(len(POISON))])
 def test_poison_harms_nobody(server, alone, body, status, words):
     def attack():

@@ -133,8 +133,8 @@ class Service:
     async def tokenize(self, body) -> list[int]:
         """/tokenize: a prompt's ids, or chat messages' as /v1/chat/completions would feed them (media counted)."""
         self.check_model(body.model)
-        if body.prompt is not None:
-            return self.llm.tokenizer.encode(body.prompt, add_bos=body.add_special_tokens)
+        if body.prompt is not None:  # (off the event loop: a 32 MB body takes seconds to tokenize)
+            return await asyncio.to_thread(self.llm.tokenizer.encode, body.prompt, body.add_special_tokens)
         thinking = (body.chat_template_kwargs or {}).get("enable_thinking", False)
         dump = lambda x: x.model_dump(exclude_unset=True, by_alias=True)  # noqa: E731
         try:
@@ -209,15 +209,15 @@ class Service:
 
     def prompt_logprobs(self, ids: list[int], k: int) -> list[dict]:
         """Logprob entries of a prompt's tokens (each given the ones before it; the first has none), from one
-        forward over the prompt, its logits taken 256 rows at a time."""
+        forward over the prompt, its logits taken 32 rows at a time (34 MB of fp32 logits each)."""
         model, tok = self.llm.model, self.llm.tokenizer
         with torch.inference_mode():
             hidden = model.hidden(torch.tensor([ids]))[0]
             entries = [{"token": tok.id_to_token(ids[0]), "logprob": None, "bytes": list(tok.decode([ids[0]]).encode()),
                         "top_logprobs": None}]
-            for a in range(0, len(ids) - 1, 256):
-                logp = torch.log_softmax(model.language_model.logits(hidden[a:min(a + 256, len(ids) - 1)]).float(), -1)
-                for row, i in enumerate(range(a + 1, min(a + 257, len(ids)))):
+            for a in range(0, len(ids) - 1, 32):
+                logp = torch.log_softmax(model.language_model.logits(hidden[a:min(a + 32, len(ids) - 1)]).float(), -1)
+                for row, i in enumerate(range(a + 1, min(a + 33, len(ids)))):
                     top = logp[row].topk(k) if k else None
                     entries.append({"token": tok.id_to_token(ids[i]), "logprob": float(logp[row, ids[i]]),
                                     "bytes": list(tok.decode([ids[i]]).encode()),
