@@ -454,12 +454,14 @@ def cmd_serve(args) -> int:
     logging.basicConfig(format="gemma4 %(levelname)s %(name)s: %(message)s")
     logging.getLogger("gemma4").setLevel(logging.INFO)
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"gemma4: serving {name} on http://{host}:{sock.getsockname()[1]}/v1", file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            timeout_graceful_shutdown=args.shutdown_timeout))
     # On SIGTERM uvicorn stops accepting, lets running requests finish for --shutdown-timeout seconds, cancels
-    # the rest, then raises SIGTERM again with the handler it found: a drained server exits 0, not by the signal.
-    signal.signal(signal.SIGTERM, lambda *_: None)
+    # the rest, then raises SIGTERM again with the handler it found: this one, so a drained server exits 0, not by
+    # the signal; and a SIGTERM before uvicorn takes over stops it as soon as it runs (not lost).
+    signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
+    # The socket listens already (connections wait in its backlog): the URL works from this line on.
+    print(f"gemma4: serving {name} on http://{host}:{sock.getsockname()[1]}/v1", file=sys.stderr, flush=True)
     if llm.parallel is not None:  # a lost rank ends the server (drained as on SIGTERM), with its reason
         llm.parallel.on_lost = lambda: os.kill(os.getpid(), signal.SIGTERM)
     try:
