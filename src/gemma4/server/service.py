@@ -109,6 +109,15 @@ class MediaWorkers:
         return asyncio.wrap_future(future)
 
 
+def logprob_entry(tok, token: int, logprob: float | None, top) -> dict:
+    """One token's logprob entry (OpenAI's chat shape; /v1/completions reshapes it): `top` (id, logprob) pairs,
+    or None where there is nothing to rank (a prompt's first token)."""
+    def part(i):
+        return {"token": tok.id_to_token(i), "bytes": list(tok.decode([i]).encode())}
+    return {**part(token), "logprob": logprob,
+            "top_logprobs": None if top is None else [{**part(i), "logprob": lp} for i, lp in top]}
+
+
 class Service:
     def __init__(self, llm, model_name: str, api_key: str | None = None, policy: MediaPolicy | None = None,
                  limits: Limits | None = None, metrics_public: bool = False):
@@ -213,18 +222,13 @@ class Service:
         model, tok = self.llm.model, self.llm.tokenizer
         with torch.inference_mode():
             hidden = model.hidden(torch.tensor([ids]))[0]
-            entries = [{"token": tok.id_to_token(ids[0]), "logprob": None, "bytes": list(tok.decode([ids[0]]).encode()),
-                        "top_logprobs": None}]
+            entries = [logprob_entry(tok, ids[0], None, None)]
             for a in range(0, len(ids) - 1, 32):
                 logp = torch.log_softmax(model.language_model.logits(hidden[a:min(a + 32, len(ids) - 1)]).float(), -1)
                 for row, i in enumerate(range(a + 1, min(a + 33, len(ids)))):
                     top = logp[row].topk(k) if k else None
-                    entries.append({"token": tok.id_to_token(ids[i]), "logprob": float(logp[row, ids[i]]),
-                                    "bytes": list(tok.decode([ids[i]]).encode()),
-                                    "top_logprobs": [{"token": tok.id_to_token(j), "logprob": v,
-                                                      "bytes": list(tok.decode([j]).encode())}
-                                                     for v, j in zip(top.values.tolist(), top.indices.tolist())]
-                                    if top is not None else []})
+                    pairs = zip(top.indices.tolist(), top.values.tolist()) if top is not None else []
+                    entries.append(logprob_entry(tok, ids[i], float(logp[row, ids[i]]), pairs))
         return entries
 
     async def _load_media(self, chat) -> list:
@@ -297,10 +301,7 @@ class Service:
             piece = "" if stopped else decoder.step(ev.token_id)
             entry = None
             if params.logprobs is not None:
-                entry = {"token": tok.id_to_token(ev.token_id), "logprob": ev.logprob,
-                         "bytes": list(tok.decode([ev.token_id]).encode()),
-                         "top_logprobs": [{"token": tok.id_to_token(i), "logprob": lp,
-                                           "bytes": list(tok.decode([i]).encode())} for i, lp in ev.top_logprobs or []]}
+                entry = logprob_entry(tok, ev.token_id, ev.logprob, ev.top_logprobs or [])
             text += piece
             hit = next((s for s in job.stops if s in text), None)
             if hit is not None:  # cut at the stop string
