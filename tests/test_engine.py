@@ -391,3 +391,48 @@ def test_quantized_model_keeps_bf16_kv(ckpt):
 def test_bad_engine_options(model, kwargs, message):
     with pytest.raises(ValueError, match=message):
         Engine(model, block_size=8, **kwargs)
+
+
+PROMPT_SCORE_CASES = [  # (name, kv_memory, block_size, max_step_tokens, top k): prompt logprobs = one forward's
+    ("one chunk, top 3", None, 16, 512, 3),
+    ("chunks of 5, top 0", None, 4, 5, 0),
+    ("preempted mid-prompt", 120_000, 4, 4, 2),
+    ("after the prefix cache holds the prompt", None, 4, 512, 1),
+]
+
+
+@pytest.mark.parametrize("name,kv,bs,chunk,k", PROMPT_SCORE_CASES, ids=[c[0] for c in PROMPT_SCORE_CASES])
+def test_prompt_logprobs(model, name, kv, bs, chunk, k):
+    """SamplingParams.prompt_logprobs: each prompt token's log-probability given those before it (and the top
+    k) from the engine's own prefill, equal to the whole prompt's forward, however it is chunked, preempted
+    or cached; the tokens generated are unchanged."""
+    ps = prompts()
+    engine = Engine(model, kv_memory=kv, block_size=bs, max_seqs=4, max_step_tokens=chunk, stop_ids=())
+    if name.startswith("after"):  # the same prompts once without scores: their blocks are cached
+        run(engine, {f"warm{i}": (p, SamplingParams(max_new_tokens=2)) for i, p in enumerate(ps)})
+    scores = {}
+    for i, p in enumerate(ps):
+        engine.add(str(i), p, SamplingParams(max_new_tokens=NEW[i], prompt_logprobs=k))
+    out = {str(i): [] for i in range(len(ps))}
+    while engine.has_work():
+        for ev in engine.step():
+            out[ev.request_id].append(ev.token_id)
+            if ev.prompt_logprobs is not None:
+                assert ev.request_id not in scores  # on the first token alone
+                scores[ev.request_id] = ev.prompt_logprobs
+    assert engine.memory()["used_bytes"] == 0
+    if kv:
+        assert engine.scheduler.preemptions > 0
+    for i, p in enumerate(ps):
+        with torch.inference_mode():
+            logp = torch.log_softmax(model(torch.tensor([p]))[0].float(), -1)
+        got = scores[str(i)]
+        assert len(got) == len(p) - 1
+        for t, (lp, top) in enumerate(got):
+            assert abs(lp - logp[t, p[t + 1]].item()) < 1e-9
+            want = logp[t].topk(k)
+            assert [j for j, _ in top] == want.indices.tolist()
+            assert all(abs(a - b) < 1e-9 for (_, a), b in zip(top, want.values.tolist()))
+        assert out[str(i)] == alone(model, p, SamplingParams(max_new_tokens=NEW[i]))
+    with pytest.raises(ValueError, match="prompt_logprobs must be an integer in"):
+        SamplingParams(prompt_logprobs=21)

@@ -28,12 +28,13 @@ def prompts():
 
 
 def run(engine):
-    """Four requests at once; -> ({id: tokens}, {id: [logits at each new token]}): every sampled row's logits
-    (logprobs=0 makes each row go through its sampler's `sample`, greedy still)."""
-    tokens, logits = {}, {}
+    """Four requests at once; -> ({id: tokens}, {id: [logits at each new token]}, {id: prompt logprobs}): every
+    sampled row's logits (logprobs=0 makes each row go through its sampler's `sample`, greedy still), and the
+    prompt tokens' logprobs with the top 2 (scored by the sharded prefill, its logits gathered 32 rows at a time)."""
+    tokens, logits, scores = {}, {}, {}
     for i, (p, n) in enumerate(zip(prompts(), NEW)):
         rid = str(i)
-        engine.add(rid, p, SamplingParams(max_new_tokens=n, logprobs=0))
+        engine.add(rid, p, SamplingParams(max_new_tokens=n, logprobs=0, prompt_logprobs=2))
         sampler, tokens[rid], logits[rid] = engine.sequences[rid].sampler, [], []
         original = sampler.sample
 
@@ -45,8 +46,10 @@ def run(engine):
         for ev in engine.step():
             if ev.token_id is not None:
                 tokens[ev.request_id].append(ev.token_id)
+            if ev.prompt_logprobs is not None:
+                scores[ev.request_id] = ev.prompt_logprobs
     assert engine.memory()["used_bytes"] == 0
-    return tokens, logits
+    return tokens, logits, scores
 
 
 def engine_for(model, group=None):
@@ -59,8 +62,13 @@ def engine_for(model, group=None):
 
 
 def assert_same(ours, theirs):
-    (t_ours, l_ours), (t_theirs, l_theirs) = ours, theirs
+    (t_ours, l_ours, s_ours), (t_theirs, l_theirs, s_theirs) = ours, theirs
     assert t_ours == t_theirs
+    for rid, want in s_theirs.items():
+        assert len(s_ours[rid]) == len(want) == len(prompts()[int(rid)]) - 1
+        for (lp, top), (lp2, top2) in zip(s_ours[rid], want):
+            assert [i for i, _ in top] == [i for i, _ in top2]
+            assert max(abs(a - b) for a, b in [(lp, lp2)] + [(x, y) for (_, x), (_, y) in zip(top, top2)]) < 1e-4
     for rid in t_theirs:
         assert len(l_ours[rid]) == len(l_theirs[rid]) == len(t_theirs[rid])
         for a, b in zip(l_ours[rid], l_theirs[rid]):
@@ -245,7 +253,7 @@ def test_images_through_the_sharded_engine(tmp_path):
         seen, original = [], engine.sequences["r"].sampler.sample
         engine.sequences["r"].sampler.sample = lambda row, *a: (seen.append(row.clone()), original(row, *a))[1]
         tokens = [ev.token_id for _ in iter(engine.has_work, False) for ev in engine.step() if ev.token_id]
-        return {"r": tokens}, {"r": seen}
+        return {"r": tokens}, {"r": seen}, {}
 
     expected = go(gemma4.load(path, dtype="float32", device="cpu"))
     model, group = launch(2, {"path": path, "dtype": "float32", "device": "cpu"})

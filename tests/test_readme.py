@@ -47,12 +47,16 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(workdir):
-    """tiny-model/ in the work folder: the tiny E2B-shaped checkpoint, its tokenizer cut to its 512 ids."""
+    """tiny-model/ in the work folder: the tiny E2B-shaped checkpoint with vision and audio towers, its tokenizer
+    cut to its 512 ids (and tiny 26B and 31B, text only)."""
     import reference
     from test_gguf import tiny_tokenizer
 
-    for shape, name in (("e2b", "tiny-model"), ("26b", "tiny-26b"), ("31b", "tiny-31b")):
+    reference.build_media("e2b", str(workdir / "tiny-model"), vision=reference.VISION_EDGE, audio=reference.AUDIO_RUN)
+    for shape, name in (("26b", "tiny-26b"), ("31b", "tiny-31b")):
         reference.build(shape, str(workdir / name))
+    tiny_tokenizer(str(workdir / "tiny-model"), media_ids=reference.MEDIA_TOKENS)
+    for name in ("tiny-26b", "tiny-31b"):
         tiny_tokenizer(str(workdir / name))
     return workdir / "tiny-model"
 
@@ -73,7 +77,8 @@ def shell_line(line: str, cwd) -> None:
     if "--epochs" in args:  # finetune: one step is enough to make the adapter the next lines use
         args += ["--steps", "1"]
     for flag in ("--gguf", "--mmproj", "--out"):
-        if flag in args and os.path.exists(os.path.join(cwd, args[args.index(flag) + 1])) and args[1] != "finetune":
+        if flag in args and os.path.exists(os.path.join(cwd, args[args.index(flag) + 1])) \
+                and args[1] in ("export", "quantize", "merge"):  # (their outputs: made afresh)
             __import__("shutil").rmtree(os.path.join(cwd, args[args.index(flag) + 1]), ignore_errors=True)
             if os.path.isfile(os.path.join(cwd, args[args.index(flag) + 1])):
                 os.remove(os.path.join(cwd, args[args.index(flag) + 1]))
@@ -106,13 +111,10 @@ def test_shell_line(line, workdir, tiny):
     why = skipped(line)
     if why:
         pytest.skip(why)
-    if "gemma-4-E2B-it-Q4_0.gguf" in line and not (workdir / "gemma-4-E2B-it-Q4_0.gguf").exists():
+    if "gemma-4-E2B-it-Q4_0.gguf" in line and not (workdir / "mmproj-gemma-4-E2B-it-f16.gguf").exists():
         subprocess.run([GEMMA4, "export", "--model", "tiny-model", "--gguf", "gemma-4-E2B-it-Q4_0.gguf", "--type",
-                        "q4_0"], cwd=workdir, check=True, capture_output=True)
-    if "--mmproj mmproj-gemma-4" in line:
-        pytest.skip("needs a GGUF model with an mmproj beside it: tests/test_mmproj.py makes and runs them")
-    if "--mmproj mmproj-e2b.gguf" in line:
-        pytest.skip("the tiny checkpoint standing in for E2B has no towers: tests/test_mmproj.py exports them")
+                        "q4_0", "--mmproj", "mmproj-gemma-4-E2B-it-f16.gguf"], cwd=workdir, check=True,
+                       capture_output=True)
     if ("--adapter my-adapter" in line or "my-adapter" in line) and "finetune" not in line \
             and not (workdir / "my-adapter").exists():
         shell_line(".venv/bin/gemma4 finetune --model tiny-model --data train.jsonl --out my-adapter --epochs 1",

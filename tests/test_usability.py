@@ -1,5 +1,6 @@
 """What users coming from vLLM, llama.cpp, Ollama and mlx-lm reach for (issue 27): each bug found trying it as
 they would, fixed (every test here failed before its fix), and the endpoints and flags they expect."""
+import json
 import os
 import socket
 import subprocess
@@ -112,7 +113,7 @@ def test_serve_prints_its_url_once_listening_and_a_busy_port_is_an_error():
     out = subprocess.run(CLI + ["serve", "--port", str(port)], capture_output=True, text=True, timeout=120)
     busy.close()
     assert out.returncode != 0 and "cannot listen on 127.0.0.1" in out.stderr and "serving" not in out.stderr
-    proc = subprocess.Popen(CLI + ["serve", "--port", "0"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(CLI + ["serve", "--port", "0", "--no-access-log"], stderr=subprocess.PIPE, text=True)
     try:
         line = ""
         while "serving" not in line:
@@ -122,9 +123,11 @@ def test_serve_prints_its_url_once_listening_and_a_busy_port_is_an_error():
         import httpx
 
         assert httpx.get(url.removesuffix("/v1") + "/health", timeout=5).json() == {"status": "ok"}  # already up
+        assert httpx.get(url + "/models/nothing", timeout=5).status_code == 404
     finally:
         proc.terminate()
-        proc.wait(timeout=60)
+        rest = proc.communicate(timeout=60)[1]
+    assert "GET /health" not in rest and "/models/nothing" in rest  # --no-access-log: errors alone
 
 
 # ---- endpoints and completions features -------------------------------------------------------------------
@@ -162,8 +165,9 @@ def test_tokenize_and_detokenize(api, llm):
 
 
 def test_completion_logprobs_echo_and_batches(api, llm):
-    """vLLM's /v1/completions: logprobs in OpenAI's shape, echo with the prompt's own logprobs (from the model's
-    logits), a list of prompts as a batch (choice p x n + i), suffix refused."""
+    """vLLM's /v1/completions: logprobs in OpenAI's shape, echo with the prompt's own logprobs (scored by the
+    engine's prefill, checked against the model's logits), a list of prompts as a batch (choice p x n + i),
+    suffix refused."""
     import torch
 
     body = {"prompt": "The sky is", "max_tokens": 4, "temperature": 0, "logprobs": 3}
@@ -183,6 +187,17 @@ def test_completion_logprobs_echo_and_batches(api, llm):
     got = echo["logprobs"]["token_logprobs"][:len(ids)]
     assert got[0] is None and all(abs(a - b) < 1e-4 for a, b in zip(got[1:], expected[1:]))
     assert echo["logprobs"]["token_logprobs"][len(ids):] == lp["token_logprobs"]
+    # each token's text_offset is where it stands in the echoed text; <bos>, which the text leaves out, is empty
+    elp = echo["logprobs"]
+    assert elp["tokens"][0] == "<bos>" and elp["text_offset"][:2] == [0, 0]
+    assert all(echo["text"][o:o + len(t)] == t for o, t in zip(elp["text_offset"][1:], elp["tokens"][1:]))
+    # streamed: the echo (with its logprobs) comes first, then each token, with the same figures
+    events = [json.loads(line[6:]) for line in api.post("/v1/completions", json={
+        **body, "echo": True, "stream": True}).text.splitlines() if line.startswith("data: {")]
+    streamed = [c for e in events for c in e["choices"]]
+    assert "".join(c["text"] for c in streamed) == echo["text"]
+    assert [v for c in streamed for v in c["logprobs"]["token_logprobs"]] == elp["token_logprobs"]
+    assert [v for c in streamed for v in c["logprobs"]["text_offset"]] == elp["text_offset"]
     batch = api.post("/v1/completions", json={"prompt": ["The sky is", "Hello"], "max_tokens": 3, "temperature": 0,
                                               "n": 2}).json()
     assert [c["index"] for c in batch["choices"]] == [0, 1, 2, 3]

@@ -453,6 +453,8 @@ def cmd_serve(args) -> int:
     app = create_app(llm, name, args.api_key or os.environ.get("GEMMA4_API_KEY"), policy, limits, args.metrics_public)
     logging.basicConfig(format="gemma4 %(levelname)s %(name)s: %(message)s")
     logging.getLogger("gemma4").setLevel(logging.INFO)
+    if args.no_access_log:  # (errors are still logged, by gemma4.server)
+        logging.getLogger("gemma4.access").setLevel(logging.WARNING)
     host = f"[{args.host}]" if ":" in args.host else args.host
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            timeout_graceful_shutdown=args.shutdown_timeout))
@@ -712,6 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds running requests may take to finish before they are cancelled")
     p.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
+    p.add_argument("--no-access-log", action="store_true", help="no log line per request (gemma4.access)")
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -50,6 +50,7 @@ class TokenEvent:
     top_logprobs: list[tuple[int, float]] | None = None
     error: Exception | None = None  # what ended it, with finish_reason "error"
     queued: float | None = None  # on a request's first token: seconds from `add` to its first schedule
+    prompt_logprobs: list | None = None  # on its first token, if asked: (logprob, top) of prompt tokens 1..
 
 
 def default_kv_memory(model: Gemma4) -> int:
@@ -226,7 +227,8 @@ class Engine:
         events = [TokenEvent(rid, None, self.sequences.pop(rid).finish_reason) for rid in before
                   if self.sequences[rid].status is Status.FINISHED]
         # (a single token goes through _verify to keep the target's state where the next step drafts)
-        drafting = [w for w in work if self._drafts(w.seq) and w.start + w.count == len(w.seq)
+        drafting = [w for w in work if self._drafts(w.seq) and not w.seq.scoring
+                    and w.start + w.count == len(w.seq)
                     and (w.count > 1 or not self._fresh(w.seq) and self._planned(w.seq) > 0)]
         decodes = [w for w in work if w.count == 1 and w.start == len(w.seq) - 1 and w not in drafting]
         chunks = [w for w in work if w not in decodes and w not in drafting]
@@ -235,9 +237,14 @@ class Engine:
         for w in chunks:
             last = w.start + w.count == len(w.seq)
             try:
-                media = self._media(w)
+                media, score = self._media(w), self._score(w)
                 logits = self.worker.forward([w.seq.token_range(w.start, w.start + w.count)], [w.start],
-                                             [w.seq.blocks], media, logits=last, adapters=[w.seq.adapter])
+                                             [w.seq.blocks], media, logits=last, adapters=[w.seq.adapter],
+                                             score=score)
+                if score is not None:
+                    logits, scores = logits
+                    done = len(w.seq.prompt_scores) - w.start  # rows scored before a preemption
+                    w.seq.prompt_scores += scores[done:len(w.seq.prompt) - 1 - w.start]
                 events.append(self._advance(w, w.seq.sampler.sample(logits[0]) if last else None))
             except Exception as e:
                 events.append(self.fail(w.seq, e))
@@ -392,6 +399,14 @@ class Engine:
         inside = sum(t in self.media_ids for t in tokens[w.start:w.start + w.count])
         return seq.media[before:before + inside] if inside else None
 
+    def _score(self, w) -> tuple | None:
+        """(targets, k) for a prompt chunk whose tokens' logprobs are wanted: each position's next token."""
+        seq = w.seq
+        if not seq.scoring:
+            return None
+        return seq.token_range(w.start + 1, w.start + w.count + 1) + [0] * (w.start + w.count + 1 - len(seq)), \
+            seq.params.prompt_logprobs
+
     def _advance(self, w, sampled: tuple | None) -> TokenEvent | None:
         """Account for the work done; `sampled`: (token, logprob, top) where it made a token."""
         seq = w.seq
@@ -410,8 +425,10 @@ class Engine:
         if reason:
             self.scheduler.finish(seq, reason)
             self.sequences.pop(seq.id)
-        queued = seq.scheduled_at - seq.added_at if len(seq.output) == 1 and seq.scheduled_at else None
-        return TokenEvent(seq.id, token, reason, logprob, top, queued=queued)
+        first = len(seq.output) == 1
+        queued = seq.scheduled_at - seq.added_at if first and seq.scheduled_at else None
+        scores = seq.prompt_scores if first and p.prompt_logprobs is not None else None
+        return TokenEvent(seq.id, token, reason, logprob, top, queued=queued, prompt_logprobs=scores)
 
 
 class AsyncEngine:

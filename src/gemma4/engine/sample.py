@@ -36,6 +36,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] | None = None  # None: the checkpoint's generation_config
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's log-probability and the top k
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first (the prefill scores them)
     speculative: bool = True  # draft with the engine's drafter, where it has one (False: token by token)
 
     def __post_init__(self):
@@ -78,8 +79,9 @@ class SamplingParams:
             bad(f"seed must be a 64-bit integer, got {self.seed!r}")
         if not isinstance(self.speculative, bool):
             bad(f"speculative must be true or false, got {self.speculative!r}")
-        if self.logprobs is not None and not 0 <= integer("logprobs") <= 20:
-            bad(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and not 0 <= integer(name) <= 20:
+                bad(f"{name} must be an integer in [0, 20], got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)

@@ -93,9 +93,10 @@ class Scheduler:
     def _reuse_prefix(self, seq: Sequence) -> None:
         """Take the cached blocks of the longest block-aligned prefix that can be resumed: every global block
         before it, and the sliding blocks that its window covers. The last token is always computed (its
-        logits are needed), and nothing from the first media token on (placeholders alone do not say
-        which image)."""
-        names = self.prefixes.find(seq.tokens[:min(len(seq) - 1, self._first_media(seq))], self.bs, -seq.adapter)
+        logits are needed), nothing from the first media token on (placeholders alone do not say
+        which image), and no position whose prompt logprobs are still wanted."""
+        end = min(len(seq) - 1, self._first_media(seq), len(seq.prompt_scores) if seq.scoring else len(seq))
+        names = self.prefixes.find(seq.tokens[:end], self.bs, -seq.adapter)
 
         def cached(n: int) -> bool:  # can a sequence resume after n blocks?
             lo = {"full": 0, "sliding": self._window_first(n * self.bs)}

@@ -34,6 +34,7 @@ class Sequence:
     acceptance: float = 1.0  # running estimate of the chance that a draft is kept (engine: how many to draft)
     plain_steps: int = 0  # steps decoded without drafts since the last drafting one
     adapter: int = 0  # the served LoRA adapter's slot (0: the base model)
+    prompt_scores: list = field(default_factory=list)  # params.prompt_logprobs: (logprob, top) of prompt tokens 1..
     added_at: float = 0.0  # time.monotonic() when it reached the engine, and when first scheduled (metrics)
     scheduled_at: float | None = None
 
@@ -51,6 +52,12 @@ class Sequence:
             return self.prompt[start:end]
         return self.prompt[start:] + self.output[max(0, start - p):end - p] if start < p \
             else self.output[start - p:end - p]
+
+    @property
+    def scoring(self) -> bool:
+        """Whether prompt tokens wait to be scored (prompt_logprobs): until then, each position they follow is
+        computed here, not taken from the prefix cache."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_scores) < len(self.prompt) - 1
 
     @property
     def uncomputed(self) -> int:

@@ -35,6 +35,20 @@ def forward_step(model: Gemma4, cache: PagedKVCache, ids: torch.Tensor, index: B
     return (last, hidden, kv) if return_kv else last
 
 
+def score_rows(model: Gemma4, hidden: torch.Tensor, targets: list[int], k: int, rows: int = 32):
+    """Each row of hidden [T, E] scored: the log-probability of its target token (the one after it) and the top
+    k, as lists [(logprob, [(id, logprob)] * k)] * T. The logits are made `rows` rows at a time: a prompt
+    chunk's at once would be 512 x vocab floats."""
+    out = []
+    for a in range(0, len(targets), rows):
+        logp = torch.log_softmax(model.language_model.logits(hidden[a:a + rows]).float(), -1)  # [rows, vocab]
+        chosen = logp.gather(-1, torch.tensor(targets[a:a + rows], device=logp.device)[:, None])[:, 0].tolist()
+        top = logp.topk(k) if k else None
+        pairs = zip(top.indices.tolist(), top.values.tolist()) if top is not None else ([] for _ in chosen)
+        out += [(lp, list(zip(*p)) if top is not None else []) for lp, p in zip(chosen, pairs)]
+    return out
+
+
 def can_graph(model: Gemma4) -> bool:
     """CUDA graphs need a step with no host sync: the MoE dispatch reads expert counts back to Python."""
     return model.device.type == "cuda" and not any(s.moe for s in model.config.text.layers)
@@ -122,15 +136,22 @@ class Worker:
         return (logits[0] if every_token else logits), hidden, kv
 
     def forward(self, ids: list[list[int]], starts: list[int], tables: list[dict], media=None,
-                logits: bool = True, adapters: list[int] | None = None) -> torch.Tensor | None:
+                logits: bool = True, adapters: list[int] | None = None, score: tuple | None = None):
         """Rows of equal length (one token each for decodes, or one prompt chunk), row b continuing its sequence
         at starts[b] with its blocks tables[b] (kind -> block ids). `media`: the soft-token rows of the chunk's
         media slots. Returns the last token's logits [B, vocab] if asked. `adapters`: each row's served LoRA
-        adapter (slot, 0: none)."""
+        adapter (slot, 0: none). `score` = (targets, k), for one prompt chunk: returns (logits, score_rows of
+        its every token), its prompt logprobs."""
         B, T = len(ids), len(ids[0])
         per_kind = {kind: [t[kind] for t in tables] for kind in self.kinds}
         input_ids = torch.tensor(ids, device=self.model.device)
         with torch.inference_mode(), self.adapters(adapters):
+            if score is not None:
+                groups = self.model.media_groups(input_ids) if media is not None else None
+                _, hidden, _ = forward_step(self.model, self.cache, input_ids, self.cache.index(starts, T, per_kind),
+                                            media, groups, logits=False, return_kv=True, every_token=True)
+                last = self.model.language_model.logits(hidden[:, -1]) if logits else None
+                return last, score_rows(self.model, hidden[0], *score)
             if T > 1 or media is not None or not logits:
                 groups = self.model.media_groups(input_ids) if media is not None else None
                 return forward_step(self.model, self.cache, input_ids, self.cache.index(starts, T, per_kind), media,

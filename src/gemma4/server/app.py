@@ -349,11 +349,15 @@ def chat_completion(job: Job, results, logprobs: bool | None) -> dict:
     return {**head(job, "chat.completion"), "choices": choices, "usage": usage_of(job, completion)}
 
 
-def completion_logprobs(entries: list[dict], offset: int = 0) -> dict:
-    """Logprob entries -> OpenAI's completions format (token texts, their logprobs, top {text: logprob}, and
-    where each token's text starts in the choice's text)."""
+def completion_logprobs(entries: list[dict], text: str, offset: int = 0) -> dict:
+    """Logprob entries of `text`'s tokens from `offset` on -> OpenAI's completions format (token texts, their
+    logprobs, top {text: logprob}, and where each token's text starts in `text`). A token whose bytes are not
+    next in the text (a special token such as <bos>, which the text leaves out) takes no room in it."""
     texts = [bytes(e["bytes"]).decode("utf-8", "replace") for e in entries]
-    starts = [offset + sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+    data, pos, starts = text.encode(), len(text[:offset].encode()), []
+    for e in entries:
+        starts.append(len(data[:pos].decode("utf-8", "ignore")))
+        pos += len(e["bytes"]) if data.startswith(bytes(e["bytes"]), pos) else 0
     tops = [None if e["top_logprobs"] is None else
             {bytes(t["bytes"]).decode("utf-8", "replace"): t["logprob"] for t in e["top_logprobs"]} for e in entries]
     return {"tokens": texts, "token_logprobs": [e["logprob"] for e in entries], "top_logprobs": tops,
@@ -364,7 +368,7 @@ def completion(jobs: list[Job], results, logprobs: bool) -> dict:
     choices, n = [], len(jobs[0].params)
     for p, (job, job_results) in enumerate(zip(jobs, results)):
         for i, (text, reason, _, entries) in enumerate(job_results):
-            lp = completion_logprobs((job.echo_logprobs or []) + entries) if logprobs else None
+            lp = completion_logprobs(job.echo_logprobs.get(i, []) + entries, job.echo + text) if logprobs else None
             choices.append({"index": p * n + i, "text": job.echo + text, "finish_reason": reason, "logprobs": lp})
     usage = {"prompt_tokens": sum(len(j.prompt_ids) for j in jobs),
              "completion_tokens": sum(r[2] for rs in results for r in rs)}
@@ -431,14 +435,13 @@ async def stream_completion(svc: Service, jobs: list[Job], include_usage: bool, 
             await queue.put(None)
 
     tasks = [asyncio.ensure_future(pump(p, job)) for p, job in enumerate(jobs)]
-    count, done, sent = 0, 0, [0] * (len(jobs) * n)  # text already sent per choice (its offsets)
+    count, done, sent = 0, 0, [""] * (len(jobs) * n)  # text already sent per choice (for its offsets)
     try:
-        for p, job in enumerate(jobs):
-            for i in range(n) if job.echo else ():
-                lp = completion_logprobs(job.echo_logprobs) if logprobs and job.echo_logprobs else None
-                sent[p * n + i] = len(job.echo)
+        for p, job in enumerate(jobs):  # echo without logprobs now; with them at the choice's first token
+            for i in range(n) if job.echo and not logprobs else ():
+                sent[p * n + i] = job.echo
                 yield sse({**head(first, "text_completion"), "choices": [{"index": p * n + i, "text": job.echo,
-                                                                          "finish_reason": None, "logprobs": lp}]})
+                                                                          "finish_reason": None, "logprobs": None}]})
         while done < len(tasks):
             item = await queue.get()
             if item is None:
@@ -449,8 +452,15 @@ async def stream_completion(svc: Service, jobs: list[Job], include_usage: bool, 
                 break
             p, i, token, piece, reason, entry = item
             count += token is not None
-            lp = completion_logprobs([entry], sent[p * n + i]) if logprobs and entry is not None else None
-            sent[p * n + i] += len(piece)
+            job, c = jobs[p], p * n + i
+            if job.echo and logprobs and i in job.echo_logprobs:
+                sent[c] = job.echo
+                yield sse({**head(first, "text_completion"), "choices": [{
+                    "index": c, "text": job.echo, "finish_reason": None,
+                    "logprobs": completion_logprobs(job.echo_logprobs.pop(i), job.echo)}]})
+            lp = completion_logprobs([entry], sent[c] + piece, len(sent[c])) if logprobs and entry is not None \
+                else None
+            sent[c] += piece
             yield sse({**head(first, "text_completion"), "choices": [{"index": p * n + i, "text": piece,
                                                                       "finish_reason": reason, "logprobs": lp}]})
         else:

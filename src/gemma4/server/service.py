@@ -82,7 +82,7 @@ class Job:
     arrived: float = field(default_factory=time.monotonic)  # for the latency metrics
     generated: int = 0  # tokens generated so far, all choices (the access log)
     echo: str = ""  # /v1/completions echo: the prompt's text, before each choice's
-    echo_logprobs: list | None = None  # ... and its tokens' logprob entries (the first has none)
+    echo_logprobs: dict = field(default_factory=dict)  # ... and its tokens' logprob entries, per choice
 
 
 class MediaWorkers:
@@ -193,8 +193,6 @@ class Service:
         """One job per prompt (a list of prompts is a batch)."""
         if body.suffix:
             raise APIError(400, "suffix is not supported: Gemma 4 has no fill-in-the-middle", param="suffix")
-        if body.echo and body.logprobs is not None and self.llm.parallel is not None:
-            raise APIError(400, "echo with logprobs is not supported with tensor parallelism", param="echo")
         prompts = body.prompt if isinstance(body.prompt, list) and not isinstance(body.prompt[0], int) \
             else [body.prompt]
         jobs = []
@@ -207,29 +205,11 @@ class Service:
                     raise APIError(400, str(e), param="prompt") from None
             else:
                 ids = list(prompt)
-            job = self._job("cmpl", ids, body, None)
+            job = self._job("cmpl", ids, body, None, echo_logprobs=body.echo and body.logprobs is not None)
             if body.echo:
                 job.echo = prompt if isinstance(prompt, str) else self.llm.tokenizer.decode(ids)
-                if body.logprobs is not None:
-                    job.echo_logprobs = await asyncio.to_thread(self.engine.run_locked, self.prompt_logprobs, ids,
-                                                                body.logprobs)
             jobs.append(job)
         return jobs
-
-    def prompt_logprobs(self, ids: list[int], k: int) -> list[dict]:
-        """Logprob entries of a prompt's tokens (each given the ones before it; the first has none), from one
-        forward over the prompt, its logits taken 32 rows at a time (34 MB of fp32 logits each)."""
-        model, tok = self.llm.model, self.llm.tokenizer
-        with torch.inference_mode():
-            hidden = model.hidden(torch.tensor([ids]))[0]
-            entries = [logprob_entry(tok, ids[0], None, None)]
-            for a in range(0, len(ids) - 1, 32):
-                logp = torch.log_softmax(model.language_model.logits(hidden[a:min(a + 32, len(ids) - 1)]).float(), -1)
-                for row, i in enumerate(range(a + 1, min(a + 33, len(ids)))):
-                    top = logp[row].topk(k) if k else None
-                    pairs = zip(top.indices.tolist(), top.values.tolist()) if top is not None else []
-                    entries.append(logprob_entry(tok, ids[i], float(logp[row, ids[i]]), pairs))
-        return entries
 
     async def _load_media(self, chat) -> list:
         """Fetch and decode a request's media on the media workers (429 when too many requests wait for them)."""
@@ -251,7 +231,9 @@ class Service:
                                  f"in the context")
         return items
 
-    def _job(self, kind: str, prompt_ids: list[int], body: Sampling, stop_ids, media=None, constraint=None) -> Job:
+    def _job(self, kind: str, prompt_ids: list[int], body: Sampling, stop_ids, media=None, constraint=None,
+             echo_logprobs: bool = False) -> Job:
+        """`echo_logprobs`: the engine scores the prompt too (each choice's prefill: Job.echo_logprobs)."""
         engine = self.llm.engine
         try:
             engine.check(prompt_ids, media)
@@ -263,7 +245,8 @@ class Service:
                 limit, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
                 repetition_penalty=body.repetition_penalty, frequency_penalty=body.frequency_penalty,
                 presence_penalty=body.presence_penalty, seed=None if body.seed is None else body.seed + i,
-                stop_token_ids=stop_ids, logprobs=logprobs, speculative=body.speculative) for i in range(body.n)]
+                stop_token_ids=stop_ids, logprobs=logprobs, speculative=body.speculative,
+                prompt_logprobs=logprobs if echo_logprobs else None) for i in range(body.n)]
         except ValueError as e:
             raise APIError(400, str(e).removeprefix("SamplingParams: ")) from None
         self.counters["prompt_tokens_total"] += len(prompt_ids)
@@ -290,6 +273,10 @@ class Service:
                 return
             if ev.queued is not None:
                 m.queue.observe(ev.queued)
+            if ev.prompt_logprobs is not None:  # the first token's event: the prompt's, scored by the prefill
+                ids = job.prompt_ids
+                job.echo_logprobs[index] = [logprob_entry(tok, ids[0], None, None)] + [
+                    logprob_entry(tok, t, lp, top) for t, (lp, top) in zip(ids[1:], ev.prompt_logprobs)]
             if last is None:
                 m.ttft.observe(now - job.arrived)
             else:
