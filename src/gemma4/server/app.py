@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP server: `gemma4 serve --model PATH`.
 
 POST /v1/chat/completions and /v1/completions (streamed as server-sent events, or whole), GET /v1/models,
-/health and /metrics (Prometheus text). Every request goes through one AsyncEngine, so concurrent requests
+/health and /metrics (Prometheus text), and at / a chat page (chat.html) built on those. Every request goes through one AsyncEngine, so concurrent requests
 share its batch. The handlers below only map HTTP onto the service (service.py), which holds every limit and
 check; bodies are the pydantic models of protocol.py, so /openapi.json describes them all.
 
@@ -14,9 +14,13 @@ streaming or not, cancels its generation, which frees its K/V at the engine's ne
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import hmac
 import json
 import logging
+import os
+import re
 import time
 import uuid
 from typing import Any
@@ -24,6 +28,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import (
+    HTMLResponse,
     JSONResponse,
     PlainTextResponse,
     Response,
@@ -65,6 +70,7 @@ def create_app(llm, model_name: str = "gemma4", api_key: str | None = None, poli
     app = FastAPI(title="gemma4", version=__version__, docs_url=None, redoc_url=None,
                   max_body_size=limits.max_request_bytes)
     app.state.service = Service(llm, model_name, api_key, policy, limits, metrics_public)
+    app.state.page = chat_page()
     app.include_router(router)
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
@@ -236,6 +242,25 @@ GONE = Response(status_code=499)  # never read: the client has gone
 
 
 # ---- endpoints --------------------------------------------------------------------------------------------------
+def chat_page() -> HTMLResponse:
+    """chat.html, with a Content-Security-Policy that lets only its own script run (by hash) and talk only to
+    this server: if model text ever reached the page as markup, a <script> or onerror= in it would not run."""
+    with open(os.path.join(os.path.dirname(__file__), "chat.html"), encoding="utf-8") as f:
+        page = f.read()
+    [script] = re.findall(r"^<script>(.*?)^</script>", page, re.M | re.S)  # (the one script: at a line's start)
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    policy = (f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; img-src 'self' data: "
+              "blob:; media-src 'self' data: blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+              "frame-ancestors 'none'")
+    return HTMLResponse(page, headers={"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff",
+                                       "Cache-Control": "no-cache"})
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def index(request: Request):
+    return request.app.state.page
+
+
 @router.get("/health", response_model=Health, summary="liveness (no key needed)")
 async def health():
     return {"status": "ok"}
@@ -247,8 +272,11 @@ async def version():
 
 
 def model_cards(svc: Service) -> list[dict]:
+    cfg = svc.llm.config
+    kinds = ["text"] + (["image", "video"] if cfg.vision is not None else []) + (["audio"] if cfg.audio is not None
+                                                                                  else [])
     base = {"id": svc.model_name, "object": "model", "created": 0, "owned_by": "gemma4",
-            "max_model_len": svc.llm.engine.max_model_len}
+            "max_model_len": svc.llm.engine.max_model_len, "input_modalities": kinds}
     adapters = [{**base, "id": name, "root": path, "parent": svc.model_name} for name, path in svc.llm.lora.items()]
     return [base, *adapters]
 

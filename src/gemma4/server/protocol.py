@@ -278,6 +278,7 @@ class ModelCard(BaseModel):
     root: str | None = None  # what it is served from: the checkpoint, or the adapter's directory (as vLLM)
     parent: str | None = None  # a LoRA adapter's base model (as vLLM)
     max_model_len: int | None = None  # the context served (as vLLM)
+    input_modalities: list[str] | None = None  # what its prompts may hold: text, and image / video / audio
 
 
 class ModelList(BaseModel):
