@@ -145,7 +145,7 @@ def test_chat_in_the_browser(server, browser, tmp_path):
     set_field(d, "max_tokens", "20000")
     type_and_send(d, "Tell me a long story")
     wait(d, "(chat().messages[3] || {}).content", what="the long answer's first tokens")
-    assert running(server) == 1
+    assert running(server) == 1, "the long answer ended by itself before Stop"
     d.find_element("id", "stop").click()
     settle(d)
     end = time.monotonic() + 20
@@ -225,6 +225,8 @@ def test_chat_in_the_browser(server, browser, tmp_path):
     d.save_screenshot(os.path.join(ARTIFACTS, "chat-page.png"))
 
 
+TINY_PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGP8z8DAwMDAxMDAwMDAAAANHQEDasKb6QAAAABJRU5E"
+            "rkJggg==")  # 2 x 2 pixels
 ARTIFACTS = os.environ.get("GEMMA4_ARTIFACTS") or os.path.join(ROOT, "artifacts")
 HOSTILE = ('Look: <script>window.pwned = 1</script> <img src=x onerror="window.pwned = 2"> '
            '[click](javascript:window.pwned=3) **bold** and `<b>code</b>`\n\n```html\n<script>window.pwned = 4'
@@ -296,9 +298,24 @@ def test_thought_tool_calls_and_json_as_they_stream(server, browser):
     settle(d)
     assert d.execute_script("return window.last.response_format") == {"type": "json_object"}
     assert d.find_element("css selector", "#log .msg.assistant:last-child pre code").text == '{"a": [1, 2]}'
+    # images dropped on the page and pasted into the box are attached like picked ones
+    d.execute_script("const png = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));"
+                     "const dt = () => { const t = new DataTransfer(); t.items.add(new File([png], 'p.png',"
+                     "{type: 'image/png'})); return t; };"
+                     "document.dispatchEvent(new DragEvent('drop', {dataTransfer: dt(), bubbles: true}));"
+                     "document.getElementById('input').dispatchEvent(new ClipboardEvent('paste',"
+                     "{clipboardData: dt(), bubbles: true}))", TINY_PNG)
+    wait(d, "state.attached.length == 2", what="the dropped and pasted images")
+    assert len(d.find_elements("css selector", "#attached .chip img")) == 2
+    d.execute_script("state.attached = []; drawAttached()")
     # a Tools field that is not JSON: said in the answer's place, nothing sent
     set_field(d, "tools", "[not json")
     type_and_send(d, "again")
     wait(d, "(chat().messages[5] || {}).error", what="the tools error")
     assert "not a JSON list of tools" in d.find_element("css selector", "#log .msg.err").text
+    # New chat: an empty one on top of the list; the old one a click away
+    d.find_element("id", "new").click()
+    assert len(d.find_elements("css selector", "#chats li")) == 2 and not d.find_elements("css selector", "#log .msg")
+    d.find_elements("css selector", "#chats li span")[1].click()
+    assert len(d.find_elements("css selector", "#log .msg")) == 6
 

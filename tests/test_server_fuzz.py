@@ -22,7 +22,7 @@ from test_server_hardening import KEY, victim  # noqa: E402
 from gemma4.llm import LLM  # noqa: E402
 from gemma4.server.app import create_app  # noqa: E402
 
-EXAMPLES = int(os.environ.get("GEMMA4_FUZZ_EXAMPLES", "15"))
+EXAMPLES = int(os.environ.get("GEMMA4_FUZZ_EXAMPLES", "10"))
 SEED = os.environ.get("GEMMA4_FUZZ_SEED", "20")
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance," \
          "response_headers_conformance,negative_data_rejection"
