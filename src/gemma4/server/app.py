@@ -1,8 +1,8 @@
 """The OpenAI-compatible HTTP server: `gemma4 serve --model PATH`.
 
 POST /v1/chat/completions and /v1/completions (streamed as server-sent events, or whole), GET /v1/models,
-/health and /metrics (Prometheus text), and at / a chat page (chat.html) built on those. Every request goes through one AsyncEngine, so concurrent requests
-share its batch. The handlers below only map HTTP onto the service (service.py), which holds every limit and
+/health and /metrics (Prometheus text), and at / a chat page (chat.html) built on those. Every request goes
+through one AsyncEngine, so concurrent requests share its batch. The handlers below only map HTTP onto the service (service.py), which holds every limit and
 check; bodies are the pydantic models of protocol.py, so /openapi.json describes them all.
 
 Answers other than 200 carry OpenAI's error body: 400 for a bad request (the message says what), 401 for a
@@ -378,13 +378,14 @@ def chat_completion(job: Job, results, logprobs: bool | None) -> dict:
 
 
 def completion_logprobs(entries: list[dict], text: str, offset: int = 0) -> dict:
-    """Logprob entries of `text`'s tokens from `offset` on -> OpenAI's completions format (token texts, their
-    logprobs, top {text: logprob}, and where each token's text starts in `text`). A token whose bytes are not
-    next in the text (a special token such as <bos>, which the text leaves out) takes no room in it."""
+    """Logprob entries of the tokens that make `text` -> OpenAI's completions format (token texts, their
+    logprobs, top {text: logprob}, and where each token's text starts in the choice's text, which has `offset`
+    characters before `text`). A token whose bytes are not next in the text (a special token such as <bos>,
+    which the text leaves out) takes no room in it."""
     texts = [bytes(e["bytes"]).decode("utf-8", "replace") for e in entries]
-    data, pos, starts = text.encode(), len(text[:offset].encode()), []
+    data, pos, starts = text.encode(), 0, []
     for e in entries:
-        starts.append(len(data[:pos].decode("utf-8", "ignore")))
+        starts.append(offset + len(data[:pos].decode("utf-8", "ignore")))
         pos += len(e["bytes"]) if data.startswith(bytes(e["bytes"]), pos) else 0
     tops = [None if e["top_logprobs"] is None else
             {bytes(t["bytes"]).decode("utf-8", "replace"): t["logprob"] for t in e["top_logprobs"]} for e in entries]
@@ -463,11 +464,11 @@ async def stream_completion(svc: Service, jobs: list[Job], include_usage: bool, 
             await queue.put(None)
 
     tasks = [asyncio.ensure_future(pump(p, job)) for p, job in enumerate(jobs)]
-    count, done, sent = 0, 0, [""] * (len(jobs) * n)  # text already sent per choice (for its offsets)
+    count, done, sent = 0, 0, [0] * (len(jobs) * n)  # characters already sent per choice (its offsets)
     try:
         for p, job in enumerate(jobs):  # echo without logprobs now; with them at the choice's first token
             for i in range(n) if job.echo and not logprobs else ():
-                sent[p * n + i] = job.echo
+                sent[p * n + i] = len(job.echo)
                 yield sse({**head(first, "text_completion"), "choices": [{"index": p * n + i, "text": job.echo,
                                                                           "finish_reason": None, "logprobs": None}]})
         while done < len(tasks):
@@ -482,13 +483,12 @@ async def stream_completion(svc: Service, jobs: list[Job], include_usage: bool, 
             count += token is not None
             job, c = jobs[p], p * n + i
             if job.echo and logprobs and i in job.echo_logprobs:
-                sent[c] = job.echo
+                sent[c] = len(job.echo)
                 yield sse({**head(first, "text_completion"), "choices": [{
                     "index": c, "text": job.echo, "finish_reason": None,
                     "logprobs": completion_logprobs(job.echo_logprobs.pop(i), job.echo)}]})
-            lp = completion_logprobs([entry], sent[c] + piece, len(sent[c])) if logprobs and entry is not None \
-                else None
-            sent[c] += piece
+            lp = completion_logprobs([entry], piece, sent[c]) if logprobs and entry is not None else None
+            sent[c] += len(piece)
             yield sse({**head(first, "text_completion"), "choices": [{"index": p * n + i, "text": piece,
                                                                       "finish_reason": reason, "logprobs": lp}]})
         else:
