@@ -313,6 +313,9 @@ def test_thought_tool_calls_and_json_as_they_stream(server, browser):
     type_and_send(d, "again")
     wait(d, "(chat().messages[5] || {}).error", what="the tools error")
     assert "not a JSON list of tools" in d.find_element("css selector", "#log .msg.err").text
+    sent = d.execute_script("return requestMessages(chat().messages)")  # the failed answer is not sent back
+    assert [m["role"] for m in sent] == ["user", "assistant", "user", "assistant", "user"]
+    assert sent[1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
     # New chat: an empty one on top of the list; the old one a click away
     d.find_element("id", "new").click()
     assert len(d.find_elements("css selector", "#chats li")) == 2 and not d.find_elements("css selector", "#log .msg")

@@ -43,9 +43,8 @@ def score_rows(model: Gemma4, hidden: torch.Tensor, targets: list[int], k: int, 
     for a in range(0, len(targets), rows):
         logp = torch.log_softmax(model.language_model.logits(hidden[a:a + rows]).float(), -1)  # [rows, vocab]
         chosen = logp.gather(-1, torch.tensor(targets[a:a + rows], device=logp.device)[:, None])[:, 0].tolist()
-        top = logp.topk(k) if k else None
-        pairs = zip(top.indices.tolist(), top.values.tolist()) if top is not None else ([] for _ in chosen)
-        out += [(lp, list(zip(*p)) if top is not None else []) for lp, p in zip(chosen, pairs)]
+        top = logp.topk(k)  # (k = 0: empty rows)
+        out += [(lp, list(zip(i, v))) for lp, i, v in zip(chosen, top.indices.tolist(), top.values.tolist())]
     return out
 
 
